@@ -1,0 +1,53 @@
+"""mtnorm: multi-task learning through task-specific normalization and dual balancing."""
+
+from mtnorm.norm import (
+    BATCHED,
+    AdaINBatchNorm,
+    DynamicWeightedBatchNorm,
+    PerTask,
+    TaskBatchNorm,
+    TaskHeads,
+    TaskLayerNorm,
+    TaskNorm,
+    TaskRouted,
+    TaskSigmoidBatchNorm,
+    TaskSigmoidLayerNorm,
+    TaskSyncBatchNorm,
+    convert,
+    convert_sync,
+    extract,
+    forward_tasks,
+    importance,
+    param_groups,
+    shared_parameters,
+    task_parameters,
+    tasks_of,
+    use_task,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BATCHED",
+    "AdaINBatchNorm",
+    "DynamicWeightedBatchNorm",
+    "PerTask",
+    "TaskBatchNorm",
+    "TaskHeads",
+    "TaskLayerNorm",
+    "TaskNorm",
+    "TaskRouted",
+    "TaskSigmoidBatchNorm",
+    "TaskSigmoidLayerNorm",
+    "TaskSyncBatchNorm",
+    "convert",
+    "convert_sync",
+    "extract",
+    "forward_tasks",
+    "importance",
+    "param_groups",
+    "shared_parameters",
+    "task_parameters",
+    "tasks_of",
+    "use_task",
+]

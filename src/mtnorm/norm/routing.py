@@ -1,0 +1,308 @@
+"""Task routing: which task a converted model runs, chosen on the model by a context manager.
+
+A converted model keeps every convolution and linear layer shared; only its *routed* modules
+(task-specific norm layers and :class:`TaskHeads`) depend on the task. Each routed module holds a
+route: a task index, :data:`BATCHED` (the batch holds T equal chunks, chunk ``t`` belongs to task
+``t``), or ``None`` (no task chosen). The route lives on the modules of the model it was set on,
+never in a global, so two models (or two threads with two models) route independently.
+
+``use_task(model, "depth")`` sets the route for the duration of a ``with`` block and restores the
+previous one afterwards; :func:`forward_tasks` runs every task, either as T separate passes or as
+one batched pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+BATCHED = -1
+"""Route value meaning "the batch is T task chunks, chunk t is task t"."""
+
+
+def validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    """Check a list of task names: non-empty strings, at least one, no duplicates."""
+    if isinstance(tasks, str):
+        raise TypeError(
+            f"tasks must be a sequence of task names, got the single string {tasks!r}; "
+            f"write [{tasks!r}] for one task"
+        )
+    try:
+        names = tuple(tasks)
+    except TypeError:
+        raise TypeError(f"tasks must be a sequence of strings, got {type(tasks).__name__}") from None
+    if not names:
+        raise ValueError("tasks is empty: give at least one task name, e.g. ['segment', 'depth']")
+    for name in names:
+        if not isinstance(name, str):
+            raise TypeError(f"task names must be strings, got {name!r} ({type(name).__name__})")
+        if not name:
+            raise ValueError("task names must be non-empty strings, got ''")
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate task names: {dupes}; each task needs its own name")
+    return names
+
+
+class PerTask(dict):
+    """A dict ``task -> output`` that a model returns when it has already split its output by task.
+
+    :func:`forward_tasks` passes a ``PerTask`` through unchanged instead of splitting it along the
+    batch, which is how heads with different output shapes come back from a batched pass.
+    """
+
+
+class TaskRouted(nn.Module):
+    """Base of every module whose computation depends on the task route.
+
+    Subclasses read :attr:`route` in ``forward``: an index into :attr:`tasks`, :data:`BATCHED`,
+    or ``None``. They never set it; :func:`use_task` and :func:`forward_tasks` do.
+    """
+
+    def __init__(self, tasks: Sequence[str]) -> None:
+        super().__init__()
+        self.tasks: tuple[str, ...] = validate_tasks(tasks)
+        self.route: int | None = None
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.tasks)
+
+    def task_index(self, task: str) -> int:
+        try:
+            return self.tasks.index(task)
+        except ValueError:
+            raise KeyError(
+                f"unknown task {task!r}; this model's tasks are {list(self.tasks)}"
+            ) from None
+
+    def _require_route(self) -> int:
+        """The route, or a clear error when no task was chosen."""
+        if self.route is None:
+            raise RuntimeError(
+                f"{type(self).__name__} has no task chosen. Run one task with "
+                "`with mtnorm.use_task(model, task): model(x)` or all of them with "
+                f"`mtnorm.forward_tasks(model, x)`; tasks: {list(self.tasks)}"
+            )
+        return self.route
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self.tasks)}"
+
+
+def routed_modules(model: nn.Module) -> list[TaskRouted]:
+    return [m for m in model.modules() if isinstance(m, TaskRouted)]
+
+
+def tasks_of(model: nn.Module) -> tuple[str, ...]:
+    """The task names of a converted model (every routed module must agree)."""
+    found = {m.tasks for m in routed_modules(model)}
+    if not found:
+        raise ValueError(
+            "this model has no task-specific modules; convert it first with "
+            "mtnorm.convert(model, tasks) or give it mtnorm.TaskHeads"
+        )
+    if len(found) > 1:
+        raise ValueError(f"the model's task-specific modules disagree on the tasks: {sorted(found)}")
+    return found.pop()
+
+
+def _set_route(modules: Sequence[TaskRouted], route: int | None) -> list[int | None]:
+    previous = [m.route for m in modules]
+    for m in modules:
+        m.route = route
+    return previous
+
+
+@contextlib.contextmanager
+def use_task(model: nn.Module, task: str) -> Iterator[nn.Module]:
+    """Run ``model`` as the single-task network of ``task`` inside the ``with`` block.
+
+    >>> with mtnorm.use_task(model, "depth"):
+    ...     depth = model(x)
+
+    The previous route is restored on exit, so blocks nest.
+    """
+    modules = routed_modules(model)
+    tasks = tasks_of(model)
+    if task not in tasks:
+        raise KeyError(f"unknown task {task!r}; this model's tasks are {list(tasks)}")
+    previous = _set_route(modules, tasks.index(task))
+    try:
+        yield model
+    finally:
+        for m, r in zip(modules, previous):
+            m.route = r
+
+
+@contextlib.contextmanager
+def batched_tasks(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block, ``model(x)`` treats ``x`` as T equal chunks along dim 0, one per task."""
+    modules = routed_modules(model)
+    previous = _set_route(modules, BATCHED)
+    try:
+        yield model
+    finally:
+        for m, r in zip(modules, previous):
+            m.route = r
+
+
+def has_task_norms(model: nn.Module) -> bool:
+    from mtnorm.norm.layers import TaskNorm
+
+    return any(isinstance(m, TaskNorm) for m in model.modules())
+
+
+def _split_output(out: Any, num_tasks: int, tasks: tuple[str, ...]) -> list[Any]:
+    """Split a batched output along dim 0 into per-task chunks (tensors, tuples, lists, dicts)."""
+    if isinstance(out, torch.Tensor):
+        if out.shape[0] % num_tasks:
+            raise ValueError(
+                f"cannot split an output of batch size {out.shape[0]} into {num_tasks} task chunks"
+            )
+        return list(out.chunk(num_tasks, dim=0))
+    if isinstance(out, (tuple, list)):
+        parts = [_split_output(o, num_tasks, tasks) for o in out]
+        return [type(out)(p[t] for p in parts) for t in range(num_tasks)]
+    if isinstance(out, dict):
+        parts = {k: _split_output(v, num_tasks, tasks) for k, v in out.items()}
+        return [{k: v[t] for k, v in parts.items()} for t in range(num_tasks)]
+    raise TypeError(
+        f"forward_tasks cannot split a model output of type {type(out).__name__}; return tensors, "
+        "tuples, dicts, or mtnorm.PerTask"
+    )
+
+
+def _repeat_input(x: Any, num_tasks: int) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.repeat(num_tasks, *([1] * (x.dim() - 1)))
+    if isinstance(x, (tuple, list)):
+        return type(x)(_repeat_input(v, num_tasks) for v in x)
+    if isinstance(x, dict):
+        return {k: _repeat_input(v, num_tasks) for k, v in x.items()}
+    return x
+
+
+def choose_mode(model: nn.Module, x: Any, num_tasks: int) -> str:
+    """The execution strategy that ``mode="auto"`` picks (see :func:`forward_tasks`).
+
+    Rule, measured with ``benchmarks/bench_norm.py`` on a 2-core CPU: the batched pass repeats the
+    input and pays for copies and for per-chunk statistics, which only beats T separate passes when
+    many tasks share a small batch. It is chosen when ``T >= 8`` and ``T * B <= 512``; on CUDA,
+    where one large launch beats many small ones, when ``T >= 4``. Otherwise sequential.
+    """
+    batch = _batch_size(x)
+    device = _device_of(model)
+    if device.type == "cuda":
+        return "batched" if num_tasks >= 4 else "sequential"
+    return "batched" if num_tasks >= 8 and num_tasks * batch <= 512 else "sequential"
+
+
+def _batch_size(x: Any) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.shape[0]
+    if isinstance(x, (tuple, list)) and x:
+        return _batch_size(x[0])
+    if isinstance(x, dict) and x:
+        return _batch_size(next(iter(x.values())))
+    return 1
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def forward_tasks(
+    model: nn.Module,
+    x: Any,
+    mode: str = "auto",
+    tasks: Sequence[str] | None = None,
+) -> dict[str, Any]:
+    """Run every task of ``model`` on input ``x``; returns ``{task: output}``.
+
+    Modes:
+
+    * ``"sequential"``: T ``use_task`` passes of batch B, T separate autograd graphs. Each task's
+      loss then reaches only its own graph, so per-task gradients cost one ordinary backward.
+    * ``"batched"``: ONE call on the input repeated T times along dim 0; every task-specific norm
+      layer normalizes each task's chunk with that task's statistics and parameters in a single
+      tensor operation. Outputs are split back per task (tensors, tuples, dicts), unless the model
+      returns :class:`PerTask`.
+    * ``"auto"``: whichever :func:`choose_mode` picks.
+
+    All modes give the same outputs, gradients and running-statistic updates as T sequential
+    passes (the one documented exception: DW-BN in training mode, whose batched pass mixes the
+    *batch* statistics of all tasks while a lone task pass mixes in the others' running ones).
+
+    A model without task-specific norm layers (hard parameter sharing with :class:`TaskHeads`)
+    runs once and must return a dict keyed by task.
+    """
+    all_tasks = tasks_of(model)
+    if tasks is not None:
+        unknown = [t for t in tasks if t not in all_tasks]
+        if unknown:
+            raise KeyError(f"unknown tasks {unknown}; this model's tasks are {list(all_tasks)}")
+        if tuple(tasks) != all_tasks and mode == "batched":
+            raise ValueError("mode='batched' runs all tasks; use mode='sequential' for a subset")
+    run = tuple(tasks) if tasks is not None else all_tasks
+
+    if not has_task_norms(model):
+        out = model(x)
+        if not isinstance(out, dict):
+            raise TypeError(
+                "a model without task-specific norms must return a dict keyed by task "
+                "(use mtnorm.TaskHeads for the heads)"
+            )
+        return {t: out[t] for t in run}
+
+    if mode == "auto":
+        mode = choose_mode(model, x, len(run)) if run == all_tasks else "sequential"
+    if mode == "sequential":
+        outputs = {}
+        for task in run:
+            with use_task(model, task):
+                out = model(x)
+            outputs[task] = out[task] if isinstance(out, PerTask) else out
+        return outputs
+    if mode == "batched":
+        with batched_tasks(model):
+            out = model(_repeat_input(x, len(all_tasks)))
+        if isinstance(out, PerTask):
+            return {t: out[t] for t in all_tasks}
+        return dict(zip(all_tasks, _split_output(out, len(all_tasks), all_tasks)))
+    raise ValueError(f"unknown mode {mode!r}; choose 'auto', 'sequential' or 'batched'")
+
+
+class TaskHeads(TaskRouted):
+    """One head per task, routed like the task-specific norms.
+
+    * a task chosen (``use_task``): applies that task's head and returns ``PerTask({task: y})``;
+    * batched: applies head t to chunk t and returns ``PerTask`` of all tasks;
+    * no task chosen: applies every head to the same features (hard parameter sharing) and returns
+      ``PerTask`` of all tasks.
+
+    Heads may have different output shapes; :func:`forward_tasks` hands the ``PerTask`` through.
+    """
+
+    def __init__(self, heads: dict[str, nn.Module]) -> None:
+        super().__init__(list(heads))
+        self.heads = nn.ModuleDict(heads)
+
+    def forward(self, z: torch.Tensor) -> PerTask:
+        route = self.route
+        if route is None:
+            return PerTask({t: self.heads[t](z) for t in self.tasks})
+        if route == BATCHED:
+            chunks = z.chunk(self.num_tasks, dim=0)
+            return PerTask({t: self.heads[t](c) for t, c in zip(self.tasks, chunks)})
+        task = self.tasks[route]
+        return PerTask({task: self.heads[task](z)})
+
+    def extra_repr(self) -> str:
+        return ""
