@@ -1,53 +1,8 @@
 """mtnorm: multi-task learning through task-specific normalization and dual balancing."""
 
-from mtnorm.norm import (
-    BATCHED,
-    AdaINBatchNorm,
-    DynamicWeightedBatchNorm,
-    PerTask,
-    TaskBatchNorm,
-    TaskHeads,
-    TaskLayerNorm,
-    TaskNorm,
-    TaskRouted,
-    TaskSigmoidBatchNorm,
-    TaskSigmoidLayerNorm,
-    TaskSyncBatchNorm,
-    convert,
-    convert_sync,
-    extract,
-    forward_tasks,
-    importance,
-    param_groups,
-    shared_parameters,
-    task_parameters,
-    tasks_of,
-    use_task,
-)
+from mtnorm.norm import *  # noqa: F403  (the core API; filled in as the core lands)
+from mtnorm.norm import __all__ as _norm_all
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "BATCHED",
-    "AdaINBatchNorm",
-    "DynamicWeightedBatchNorm",
-    "PerTask",
-    "TaskBatchNorm",
-    "TaskHeads",
-    "TaskLayerNorm",
-    "TaskNorm",
-    "TaskRouted",
-    "TaskSigmoidBatchNorm",
-    "TaskSigmoidLayerNorm",
-    "TaskSyncBatchNorm",
-    "convert",
-    "convert_sync",
-    "extract",
-    "forward_tasks",
-    "importance",
-    "param_groups",
-    "shared_parameters",
-    "task_parameters",
-    "tasks_of",
-    "use_task",
-]
+__all__ = list(_norm_all)
