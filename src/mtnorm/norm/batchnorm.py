@@ -1,0 +1,319 @@
+"""Task-specific batch normalization: TSBN and the sigmoid-gated TSσBN.
+
+Every task t keeps its own normalization statistics and its own affine parameters; the
+convolutions around the layer stay shared. A layer runs one task (``use_task``) with PyTorch's
+native ``F.batch_norm`` on that task's slice of the parameters and buffers, or all tasks at once
+on a batch of T chunks (``forward_tasks(mode="batched")``) with one reduction and one fused
+multiply-add over the whole batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtnorm.norm import _stats
+from mtnorm.norm.routing import BATCHED, TaskRouted
+
+_BN_DIMS = {1: (2, 3), 2: (4,), 3: (5,)}
+
+
+class TaskNorm(TaskRouted):
+    """Base of every task-specific normalization layer.
+
+    ``family`` is ``"batch"`` or ``"layer"``; :func:`mtnorm.param_groups` gives each family its own
+    learning-rate multiplier.
+    """
+
+    family: str = "batch"
+
+    def importance(self) -> torch.Tensor:
+        """The task-filter importance ``[T, C]`` of this layer (paper §5): the gate or |gamma|."""
+        raise NotImplementedError
+
+    def to_standard(self, task: str) -> nn.Module:
+        """A standard PyTorch layer computing this layer's eval-mode function for ``task``."""
+        raise NotImplementedError
+
+
+class _TaskBatchNormBase(TaskNorm):
+    """Statistics, buffers and routing shared by the batch-norm family.
+
+    Buffers follow ``nn.BatchNorm``: ``running_mean``/``running_var`` ``[S, C]`` and
+    ``num_batches_tracked`` ``[S]``, with S = T (task statistics) or S = 1 (``share_stats``: one
+    running estimate pooled over every task's passes). In training each pass always normalizes with
+    its own batch statistics; ``share_stats`` changes only what is tracked and used in eval.
+    """
+
+    # Sync subclasses compute statistics across processes, so they cannot use the native kernel.
+    _native_single_task = True
+
+    def __init__(
+        self,
+        num_features: int,
+        tasks: Sequence[str],
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        track_running_stats: bool = True,
+        share_stats: bool = False,
+        spatial_dims: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(tasks)
+        if num_features <= 0:
+            raise ValueError(f"num_features must be positive, got {num_features}")
+        if spatial_dims not in (None, 1, 2, 3):
+            raise ValueError(f"spatial_dims must be None, 1, 2 or 3, got {spatial_dims}")
+        self.num_features = num_features
+        self.eps = eps
+        self.momentum = momentum
+        self.track_running_stats = track_running_stats
+        self.share_stats = share_stats
+        self.spatial_dims = spatial_dims
+        factory = {"device": device, "dtype": dtype}
+        rows = 1 if share_stats else self.num_tasks
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(rows, num_features, **factory))
+            self.register_buffer("running_var", torch.ones(rows, num_features, **factory))
+            self.register_buffer(
+                "num_batches_tracked", torch.zeros(rows, dtype=torch.long, device=device)
+            )
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+
+    # -- the per-task affine part, defined by subclasses ------------------------------------
+    def scale(self) -> torch.Tensor | None:
+        """Per-task multiplicative parameter ``[T, C]`` applied after normalization."""
+        raise NotImplementedError
+
+    def shift(self) -> torch.Tensor | None:
+        """Per-task additive parameter ``[T, C]``, or None."""
+        raise NotImplementedError
+
+    # -- statistics ----------------------------------------------------------------------------
+    def reset_running_stats(self) -> None:
+        if self.track_running_stats:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            self.num_batches_tracked.zero_()
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        allowed = _BN_DIMS[self.spatial_dims] if self.spatial_dims else (2, 3, 4, 5)
+        if x.dim() not in allowed:
+            raise ValueError(
+                f"{type(self).__name__} expected a {' or '.join(f'{d}D' for d in allowed)} input, "
+                f"got shape {tuple(x.shape)}"
+            )
+
+    def _uses_batch_stats(self) -> bool:
+        return self.training or not self.track_running_stats
+
+    def _stat_rows(self, route: int) -> slice:
+        """The rows of the running buffers that the pass(es) of ``route`` read and update."""
+        if self.share_stats:
+            return slice(0, 1)
+        return slice(None) if route == BATCHED else slice(route, route + 1)
+
+    def _batch_moments(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Biased variance, mean ``[K, C]`` of each chunk and the count behind each entry."""
+        var, mean = _stats.chunk_moments(xs)
+        return var, mean, xs.shape[1] * xs.shape[3]
+
+    def _moments(self, xs: torch.Tensor, route: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Variance and mean ``[K, C]`` to normalize with; updates running statistics in training."""
+        k = xs.shape[0]
+        if self._uses_batch_stats():
+            var, mean, count = self._batch_moments(xs)
+            if self.training and self.track_running_stats:
+                rows = self._stat_rows(route)
+                _stats.update_running(
+                    self.running_mean[rows],
+                    self.running_var[rows],
+                    self.num_batches_tracked[rows],
+                    mean.detach(),
+                    var.detach(),
+                    count,
+                    self.momentum,
+                )
+            return var, mean
+        rows = self._stat_rows(route)
+        return (
+            self.running_var[rows].expand(k, -1),
+            self.running_mean[rows].expand(k, -1),
+        )
+
+    # -- forward -------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        route = self._require_route()
+        if route != BATCHED and self._native_single_task:
+            return self._forward_native(x, route)
+        return self._forward_chunks(x, route)
+
+    def _params_for(self, route: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        scale, shift = self.scale(), self.shift()
+        if route != BATCHED:
+            scale = None if scale is None else scale[route : route + 1]
+            shift = None if shift is None else shift[route : route + 1]
+        return scale, shift
+
+    def _forward_chunks(self, x: torch.Tensor, route: int) -> torch.Tensor:
+        chunks = self.num_tasks if route == BATCHED else 1
+        xs = _stats.chunk_view(x, chunks, self.num_features)
+        var, mean = self._moments(xs, route)
+        weight, bias = self._params_for(route)
+        scale, shift = _stats.normalizing_affine(mean, var, self.eps, weight, bias)
+        return _stats.affine_apply(xs, scale, shift).view(x.shape)
+
+    def _forward_native(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        row = 0 if self.share_stats else task
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked[row].add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked[row])
+        scale, shift = self.scale(), self.shift()
+        return F.batch_norm(
+            x,
+            None if self.running_mean is None else self.running_mean[row],
+            None if self.running_var is None else self.running_var[row],
+            None if scale is None else scale[task],
+            None if shift is None else shift[task],
+            self._uses_batch_stats(),
+            momentum,
+            self.eps,
+        )
+
+    # -- standard-layer export -----------------------------------------------------------------
+    def _standard_bn(self, task: int) -> nn.modules.batchnorm._BatchNorm:
+        cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[self.spatial_dims or 2]
+        ref = self.scale() if self.scale() is not None else self.running_mean
+        bn = cls(
+            self.num_features,
+            eps=self.eps,
+            momentum=self.momentum,
+            affine=True,
+            track_running_stats=self.track_running_stats,
+            device=ref.device,
+            dtype=ref.dtype,
+        )
+        with torch.no_grad():
+            scale, shift = self.scale(), self.shift()
+            bn.weight.copy_(scale[task] if scale is not None else 1.0)
+            bn.bias.copy_(shift[task] if shift is not None else 0.0)
+            if self.track_running_stats:
+                row = 0 if self.share_stats else task
+                bn.running_mean.copy_(self.running_mean[row])
+                bn.running_var.copy_(self.running_var[row])
+                bn.num_batches_tracked.copy_(self.num_batches_tracked[row])
+        return bn
+
+    def to_standard(self, task: str) -> nn.Module:
+        return self._standard_bn(self.task_index(task))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_features}, tasks={list(self.tasks)}, eps={self.eps}, "
+            f"momentum={self.momentum}, track_running_stats={self.track_running_stats}, "
+            f"share_stats={self.share_stats}"
+        )
+
+
+class TaskBatchNorm(_TaskBatchNormBase):
+    r"""TSBN: batch normalization with per-task statistics and per-task affine parameters.
+
+    .. math:: \mathrm{TSBN}(x; \gamma_t, \beta_t) = \gamma_t \hat x_t + \beta_t,\quad
+              \hat x_t = (x - \mu_{B,t}) / \sqrt{\sigma_{B,t}^2 + \epsilon}
+
+    (paper Eq. 1 with every quantity indexed by the task). Parameters ``weight``/``bias`` are
+    ``[T, C]`` (ones / zeros, like ``nn.BatchNorm``); ``affine=False`` drops them.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        tasks: Sequence[str],
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        share_stats: bool = False,
+        spatial_dims: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, tasks, eps, momentum, track_running_stats, share_stats, spatial_dims,
+            device, dtype,
+        )
+        self.affine = affine
+        if affine:
+            shape = (self.num_tasks, num_features)
+            self.weight = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+            self.bias = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def scale(self) -> torch.Tensor | None:
+        return self.weight
+
+    def shift(self) -> torch.Tensor | None:
+        return self.bias
+
+    def importance(self) -> torch.Tensor:
+        if self.weight is None:
+            raise ValueError("a TaskBatchNorm with affine=False has no importance")
+        return self.weight.detach().abs()
+
+
+class TaskSigmoidBatchNorm(_TaskBatchNormBase):
+    r"""TSσBN: task-specific batch normalization with a sigmoid gate (paper Eq. 3).
+
+    .. math:: \mathrm{TS\sigma BN}(x; \gamma_t) = \sigma(\gamma_t)\,\hat x_t,\quad
+              \hat x_t = (x - \mu_{B,t}) / \sqrt{\sigma_{B,t}^2 + \epsilon}
+
+    ``gamma`` is ``[T, C]`` and starts at 0 (gate 0.5), as the paper does from scratch; the gate
+    ``sigmoid(gamma)`` is the task-filter importance of §5. Following σBN there is no shift;
+    ``shift=True`` adds a per-task ``beta`` (zeros). Train ``gamma`` with a larger learning rate
+    (``mtnorm.param_groups``, α = 100 in the paper).
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        tasks: Sequence[str],
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        shift: bool = False,
+        track_running_stats: bool = True,
+        share_stats: bool = False,
+        spatial_dims: int | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            num_features, tasks, eps, momentum, track_running_stats, share_stats, spatial_dims,
+            device, dtype,
+        )
+        shape = (self.num_tasks, num_features)
+        self.gamma = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        if shift:
+            self.beta = nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        else:
+            self.register_parameter("beta", None)
+
+    def scale(self) -> torch.Tensor:
+        return torch.sigmoid(self.gamma)
+
+    def shift(self) -> torch.Tensor | None:
+        return self.beta
+
+    def importance(self) -> torch.Tensor:
+        return torch.sigmoid(self.gamma.detach())
