@@ -110,6 +110,11 @@ class _TaskBatchNormBase(TaskNorm):
                 f"{type(self).__name__} expected a {' or '.join(f'{d}D' for d in allowed)} input, "
                 f"got shape {tuple(x.shape)}"
             )
+        if x.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__} expected {self.num_features} channels in dim 1, "
+                f"got input of shape {tuple(x.shape)}"
+            )
 
     def _uses_batch_stats(self) -> bool:
         return self.training or not self.track_running_stats

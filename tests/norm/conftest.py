@@ -1,0 +1,1 @@
+from norm_models import dtype  # noqa: F401  (fixture)
