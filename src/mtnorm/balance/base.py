@@ -1,0 +1,332 @@
+"""The interface every balancing method implements, and the checks they share.
+
+A balancer maps the per-task gradients ``G`` (a ``T x P`` matrix, row ``t`` the gradient of task
+``t``'s *raw* loss) and the losses ``l`` (``T`` numbers) to one update direction ``d`` (``P``
+numbers). :meth:`Balancer.aggregate` is that map and nothing else; :meth:`Balancer.backward` runs
+it on a real model: it computes whatever gradients the method needs, writes ``d`` into the shared
+parameters' ``.grad`` and gives every task-specific parameter its own task's gradient, scaled the
+way the method scales that task's loss.
+
+Each call of ``aggregate`` or ``backward`` is one training step: stateful methods (moving averages,
+previous losses, learned weights) advance their state on every call. That state is saved by
+``state_dict()`` and restored by ``load_state_dict()``; methods with learnable parameters expose
+them through ``parameters()`` and accumulate their gradients into ``.grad`` on every call, so the
+trainer just adds ``balancer.parameters()`` to its optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mtnorm.balance import grads as _grads
+
+
+class NonFiniteError(FloatingPointError, ValueError):
+    """A loss or gradient is NaN or infinite; raised before any parameter's ``.grad`` changes."""
+
+
+class Combination(NamedTuple):
+    """What one step of a method produces.
+
+    ``direction`` is the update ``d`` (``P``); ``weights`` are the per-task factors the method
+    reports (for linear methods ``d = weights @ G``); ``loss_scale`` is the factor task ``t``'s loss
+    gets on its task-specific parameters (``1`` for gradient methods, ``w_t`` for loss weighting,
+    ``1 / (l_t + eps)`` under the log transform).
+    """
+
+    direction: Tensor
+    weights: Tensor
+    loss_scale: Tensor
+
+
+@dataclass
+class Diagnostics:
+    """What :meth:`Balancer.backward` reports about one step.
+
+    ``grad_norms`` and ``cosines`` describe the per-task gradients the method combined (with
+    respect to ``rep`` in representation mode); they are ``None`` on the cheap path of loss
+    weighting, which never forms per-task gradients (ask for them with ``diagnostics=True``).
+    """
+
+    tasks: tuple[str, ...]
+    step: int
+    weights: Tensor
+    loss_scale: Tensor
+    grad_norms: Tensor | None = None
+    cosines: Tensor | None = None
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat ``{name: value}`` for a logger: ``weight/<task>``, ``grad_norm/<task>``, ``cos/<a>/<b>``."""
+        out = {f"weight/{t}": float(w) for t, w in zip(self.tasks, self.weights)}
+        out.update({f"loss_scale/{t}": float(s) for t, s in zip(self.tasks, self.loss_scale)})
+        if self.grad_norms is not None:
+            out.update({f"grad_norm/{t}": float(n) for t, n in zip(self.tasks, self.grad_norms)})
+        if self.cosines is not None:
+            rows, cols = torch.triu_indices(len(self.tasks), len(self.tasks), offset=1)
+            for i, j in zip(rows.tolist(), cols.tolist()):
+                out[f"cos/{self.tasks[i]}/{self.tasks[j]}"] = float(self.cosines[i, j])
+        return out
+
+
+def gram(grads: Tensor) -> np.ndarray:
+    """``G G^T`` as a float64 array: the small solvers run in double precision."""
+    return (grads @ grads.T).double().cpu().numpy()
+
+
+def cosine_matrix(grads: Tensor, eps: float = 1e-12) -> Tensor:
+    """Pairwise cosines of the rows of ``grads``; a zero row has cosine 0 with everything."""
+    k = grads @ grads.T
+    norms = k.diagonal().clamp_min(0).sqrt()
+    return k / (norms[:, None] * norms[None, :]).clamp_min(eps)
+
+
+class Balancer(nn.Module):
+    """Base class of every method: subclasses implement :meth:`combine`.
+
+    Args:
+        tasks: the task names, in the order of the rows of ``G``. Optional for most methods (taken
+            from the first ``backward`` call's ``losses`` dict); required by methods with one
+            learnable parameter per task, which must exist before the optimizer is built.
+
+    Attributes:
+        step: how many steps (``aggregate`` or ``backward`` calls) this balancer has taken.
+    """
+
+    #: Whether the method needs per-task gradients; loss weighting does not (one backward).
+    requires_grads: bool = True
+    #: Whether the method assumes positive losses (ratios, logarithms, products of losses), which
+    #: rules out combining it with the log transform.
+    positive_losses: bool = False
+    #: Names of tensor attributes (or ``None``) holding the method's state, saved in state_dict.
+    _state: tuple[str, ...] = ()
+
+    def __init__(self, tasks: Sequence[str] | None = None) -> None:
+        super().__init__()
+        self.tasks: tuple[str, ...] | None = _validate_tasks(tasks) if tasks is not None else None
+        self.step = 0
+
+    # ---------------------------------------------------------------- the method
+    def combine(self, grads: Tensor, losses: Tensor) -> Combination:
+        """One step of the method on checked inputs; subclasses implement it."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- public entry points
+    def aggregate(self, grads: Tensor, losses: Tensor) -> Tensor:
+        """The update direction ``d`` (``P``) from per-task gradients ``G`` (``T x P``) of the raw
+        losses and the losses ``l`` (``T``). Advances the method's state by one step."""
+        losses = torch.as_tensor(losses, dtype=grads.dtype, device=grads.device).detach()
+        self._check_shapes(grads, losses)
+        self._check_finite(losses, "loss")
+        self._check_finite_rows(grads, "gradient")
+        out = self.combine(grads.detach(), losses)
+        self.step += 1
+        return out.direction
+
+    def forward(self, grads: Tensor, losses: Tensor) -> Tensor:
+        """Same as :meth:`aggregate`, so ``balancer(G, l)`` works."""
+        return self.aggregate(grads, losses)
+
+    def backward(
+        self,
+        losses: Mapping[str, Tensor],
+        shared: Iterable[Tensor],
+        *,
+        rep: Tensor | None = None,
+        grad_mode: str = "auto",
+        diagnostics: bool = False,
+    ) -> Diagnostics:
+        """Compute the method's gradients and add them to ``.grad`` (like ``Tensor.backward``).
+
+        Args:
+            losses: ``{task: scalar loss}``, every task of the balancer exactly once.
+            shared: the shared parameters; they receive the combined direction ``d``. Every other
+                parameter reachable from a task's loss is that task's own and receives that task's
+                gradient times the method's loss scale (see :class:`Combination`).
+            rep: the shared representation (encoder output) of a hard-parameter-sharing model.
+                Per-task gradients are then taken with respect to ``rep``, combined, and
+                backpropagated once through the encoder (LibMTL's ``rep_grad``).
+            grad_mode: how per-task gradients are computed: ``"autograd"`` (one
+                ``torch.autograd.grad`` per task, shared and task-specific parameters together),
+                ``"batched"`` (one vmapped backward, ``is_grads_batched=True``), ``"rep"`` (needs
+                ``rep``) or ``"auto"``: ``"rep"`` when ``rep`` is given, else ``"autograd"``; loss
+                weighting skips per-task gradients altogether and backpropagates its weighted sum.
+            diagnostics: force per-task gradients (norms and cosines) for loss weighting too.
+
+        Raises:
+            KeyError: a task is missing from ``losses`` or unknown.
+            NonFiniteError: a loss or gradient is NaN/inf; no ``.grad`` has changed.
+        """
+        names, loss_list = self._bind(losses)
+        values = torch.stack([loss.detach().reshape(()) for loss in loss_list])
+        self._check_finite(values, "loss")
+        shared = _grads.unique(shared)
+        mode = _grads.resolve_mode(grad_mode, rep, cheap=not self.requires_grads and not diagnostics)
+
+        if mode == "weighted":
+            weights = self.loss_weights(values)
+            self._weighted_backward(loss_list, weights)
+            result = Diagnostics(names, self.step, weights.detach(), weights.detach())
+        else:
+            task_grads = _grads.task_gradients(loss_list, shared, mode, rep=rep)
+            self._check_finite_rows(task_grads.shared, "gradient")
+            for t, specific in enumerate(task_grads.specific):
+                self._check_finite_list(specific.values(), t)
+            out = self.combine(task_grads.shared, values.to(task_grads.shared.dtype))
+            direction = out.direction
+            if mode == "rep":
+                direction = _grads.through_rep(rep, shared, direction)
+                self._check_finite_list(direction, None)
+                _grads.accumulate(shared, direction)
+            else:
+                _grads.accumulate_flat(shared, direction)
+            for scale, specific in zip(out.loss_scale.tolist(), task_grads.specific):
+                _grads.accumulate(list(specific), [g * scale for g in specific.values()])
+            g = task_grads.shared
+            result = Diagnostics(
+                names,
+                self.step,
+                out.weights.detach(),
+                out.loss_scale.detach(),
+                grad_norms=g.norm(dim=1),
+                cosines=cosine_matrix(g),
+            )
+        self.step += 1
+        return result
+
+    def loss_weights(self, losses: Tensor) -> Tensor:
+        """Loss weighting only: the weights ``w`` (``T``) of one step; ``d = w @ G``."""
+        raise TypeError(f"{type(self).__name__} is a gradient method; it has no loss weights")
+
+    # ---------------------------------------------------------------- helpers
+    def _weighted_backward(self, loss_list: list[Tensor], weights: Tensor) -> None:
+        """The cheap path: one backward of ``sum_t w_t l_t`` into temporaries, checked, then added."""
+        objective = torch.stack([loss.reshape(()) for loss in loss_list])
+        objective = (objective * weights.to(objective.dtype).detach()).sum()
+        params = _grads.reachable_parameters(objective)
+        if not params:
+            return
+        # Retained so that the rare error path below can still find the culprit task.
+        grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if not all(bool(torch.isfinite(g).all()) for g in grads):
+            # Rare path: find the culprit task, which the summed gradient cannot tell.
+            bad = _grads.nonfinite_tasks(loss_list, params)
+            self._raise_nonfinite("gradient", bad or list(range(len(loss_list))))
+        _grads.accumulate(params, grads)
+
+    def _bind(self, losses: Mapping[str, Tensor]) -> tuple[tuple[str, ...], list[Tensor]]:
+        if not isinstance(losses, Mapping):
+            raise TypeError(f"losses must be a dict {{task: loss}}, got {type(losses).__name__}")
+        if self.tasks is None:
+            self.tasks = _validate_tasks(list(losses))
+        missing = [t for t in self.tasks if t not in losses]
+        extra = [t for t in losses if t not in self.tasks]
+        if missing or extra:
+            raise KeyError(
+                f"losses must have exactly the tasks {list(self.tasks)}; "
+                f"missing {missing}, unexpected {extra}"
+            )
+        out = []
+        for t in self.tasks:
+            loss = losses[t]
+            if not isinstance(loss, Tensor) or loss.numel() != 1:
+                raise ValueError(f"the loss of task {t!r} must be a scalar tensor, got {loss!r}")
+            out.append(loss)
+        return self.tasks, out
+
+    def _check_shapes(self, grads: Tensor, losses: Tensor) -> None:
+        if grads.dim() != 2:
+            raise ValueError(f"grads must be a T x P matrix, got shape {tuple(grads.shape)}")
+        if losses.shape != (grads.shape[0],):
+            raise ValueError(
+                f"losses must have shape ({grads.shape[0]},) to match grads, got "
+                f"{tuple(losses.shape)}"
+            )
+        if self.tasks is not None and len(self.tasks) != grads.shape[0]:
+            raise ValueError(
+                f"this balancer has {len(self.tasks)} tasks {list(self.tasks)}, grads has "
+                f"{grads.shape[0]} rows"
+            )
+
+    def _task_name(self, t: int) -> str:
+        return repr(self.tasks[t]) if self.tasks is not None else f"#{t}"
+
+    def _raise_nonfinite(self, what: str, bad: list[int]) -> None:
+        names = ", ".join(self._task_name(t) for t in bad)
+        raise NonFiniteError(
+            f"non-finite {what} for task {names} at step {self.step}; no gradient was written"
+        )
+
+    def _check_finite(self, values: Tensor, what: str) -> None:
+        ok = torch.isfinite(values)
+        if not bool(ok.all()):
+            self._raise_nonfinite(what, torch.nonzero(~ok).flatten().tolist())
+
+    def _check_finite_rows(self, grads: Tensor, what: str) -> None:
+        ok = torch.isfinite(grads).all(dim=1)
+        if not bool(ok.all()):
+            self._raise_nonfinite(what, torch.nonzero(~ok).flatten().tolist())
+
+    def _check_finite_list(self, tensors: Iterable[Tensor], task: int | None) -> None:
+        for g in tensors:
+            if not bool(torch.isfinite(g).all()):
+                if task is None:
+                    raise NonFiniteError(
+                        f"non-finite gradient of the shared parameters at step {self.step}; "
+                        "no gradient was written"
+                    )
+                self._raise_nonfinite("gradient", [task])
+
+    # ---------------------------------------------------------------- state
+    def get_extra_state(self) -> dict[str, Any]:
+        state = {name: _to_saveable(getattr(self, name)) for name in self._state}
+        return {"step": self.step, "tasks": self.tasks, **state}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.tasks = state["tasks"]
+        for name in self._state:
+            setattr(self, name, _from_saveable(getattr(self, name), state[name]))
+
+    def extra_repr(self) -> str:
+        return f"tasks={list(self.tasks)}" if self.tasks is not None else ""
+
+
+class LossWeighting(Balancer):
+    """Base of the loss-based methods: losses to weights ``w``; the direction is ``d = w @ G``.
+
+    Through :meth:`backward` they need no per-task gradients: one backward of ``sum_t w_t l_t``.
+    """
+
+    requires_grads = False
+
+    def combine(self, grads: Tensor, losses: Tensor) -> Combination:
+        w = self.loss_weights(losses).to(grads.dtype)
+        return Combination(w @ grads, w, w)
+
+
+def _validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
+    from mtnorm.norm.routing import validate_tasks
+
+    return validate_tasks(tasks)
+
+
+def _to_saveable(value: Any) -> Any:
+    if isinstance(value, np.random.Generator):
+        return value.bit_generator.state
+    if isinstance(value, Tensor):
+        return value.detach().clone()
+    return value
+
+
+def _from_saveable(current: Any, saved: Any) -> Any:
+    if isinstance(current, np.random.Generator):
+        current.bit_generator.state = saved
+        return current
+    return saved.clone() if isinstance(saved, Tensor) else saved
