@@ -58,6 +58,7 @@ class DynamicWeightedBatchNorm(TaskBatchNorm):
             logits.fill_diagonal_(math.log(self_weight * (t - 1) / (1.0 - self_weight)))
         self.mix_logits = nn.Parameter(logits)
         self._native_single_task = False
+        self._fused_batch_stats = False
 
     def mixing(self) -> torch.Tensor:
         """The mixing matrix ``[T, T]``; row t holds the weights task t gives each task's statistics."""
@@ -70,15 +71,7 @@ class DynamicWeightedBatchNorm(TaskBatchNorm):
         if not self.training:
             return mix @ self.running_var, mix @ self.running_mean
         var, mean, count = self._batch_moments(xs)
-        _stats.update_running(
-            self.running_mean[self._stat_rows(route)],
-            self.running_var[self._stat_rows(route)],
-            self.num_batches_tracked[self._stat_rows(route)],
-            mean.detach(),
-            var.detach(),
-            count,
-            self.momentum,
-        )
+        self._update(route, mean.detach(), var.detach(), count)
         if route == BATCHED:
             return mix @ var, mix @ mean
         # a lone task: its own batch statistics in its slot, the others' running statistics
@@ -137,6 +130,7 @@ class AdaINBatchNorm(TaskBatchNorm):
             torch.full((self.num_tasks, num_features), init, device=device, dtype=dtype)
         )
         self._native_single_task = False
+        self._fused_batch_stats = False
 
     def _forward_chunks(self, x: torch.Tensor, route: int) -> torch.Tensor:
         chunks = self.num_tasks if route == BATCHED else 1

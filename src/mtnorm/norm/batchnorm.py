@@ -48,8 +48,10 @@ class _TaskBatchNormBase(TaskNorm):
     its own batch statistics; ``share_stats`` changes only what is tracked and used in eval.
     """
 
-    # Sync subclasses compute statistics across processes, so they cannot use the native kernel.
+    # Sync subclasses compute statistics across processes, so they use neither the native kernel
+    # nor the fused chunk function, only the differentiable statistics of `_moments`.
     _native_single_task = True
+    _fused_batch_stats = True
 
     def __init__(
         self,
@@ -130,22 +132,25 @@ class _TaskBatchNormBase(TaskNorm):
         var, mean = _stats.chunk_moments(xs)
         return var, mean, xs.shape[1] * xs.shape[3]
 
+    def _update(self, route: int, mean: torch.Tensor, var: torch.Tensor, count: int) -> None:
+        rows = self._stat_rows(route)
+        _stats.update_running(
+            self.running_mean[rows],
+            self.running_var[rows],
+            self.num_batches_tracked[rows],
+            mean,
+            var,
+            count,
+            self.momentum,
+        )
+
     def _moments(self, xs: torch.Tensor, route: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Variance and mean ``[K, C]`` to normalize with; updates running statistics in training."""
         k = xs.shape[0]
         if self._uses_batch_stats():
             var, mean, count = self._batch_moments(xs)
             if self.training and self.track_running_stats:
-                rows = self._stat_rows(route)
-                _stats.update_running(
-                    self.running_mean[rows],
-                    self.running_var[rows],
-                    self.num_batches_tracked[rows],
-                    mean.detach(),
-                    var.detach(),
-                    count,
-                    self.momentum,
-                )
+                self._update(route, mean.detach(), var.detach(), count)
             return var, mean
         rows = self._stat_rows(route)
         return (
@@ -171,8 +176,13 @@ class _TaskBatchNormBase(TaskNorm):
     def _forward_chunks(self, x: torch.Tensor, route: int) -> torch.Tensor:
         chunks = self.num_tasks if route == BATCHED else 1
         xs = _stats.chunk_view(x, chunks, self.num_features)
-        var, mean = self._moments(xs, route)
         weight, bias = self._params_for(route)
+        if self._fused_batch_stats and self._uses_batch_stats():
+            y, var, mean = _stats.chunk_batch_norm(xs, weight, bias, self.eps)
+            if self.training and self.track_running_stats:
+                self._update(route, mean, var, xs.shape[1] * xs.shape[3])
+            return y.view(x.shape)
+        var, mean = self._moments(xs, route)
         scale, shift = _stats.normalizing_affine(mean, var, self.eps, weight, bias)
         return _stats.affine_apply(xs, scale, shift).view(x.shape)
 

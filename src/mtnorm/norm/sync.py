@@ -24,6 +24,7 @@ class _SyncStats:
     """Mixin: replaces local batch moments with moments over every process of ``process_group``."""
 
     _native_single_task = False
+    _fused_batch_stats = False
     process_group: Any = None
 
     def _batch_moments(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
