@@ -59,39 +59,53 @@ def dual_cone_weights(gram: np.ndarray) -> np.ndarray:
     return np.stack([nnls(a, -a[:, i], maxiter=50 * t)[0] for i in range(t)]) + eye
 
 
-def power_balance(gram: np.ndarray, alpha: float = 1.0, ridge: float = 1e-8) -> np.ndarray:
-    """The ``w > 0`` with ``K w = w^(-1/alpha)`` elementwise (Nash-MTL for ``alpha = 1``, FairGrad).
+def power_balance(gram: np.ndarray, alpha: float = 1.0, ridge: float = 1e-10) -> np.ndarray:
+    """The ``a > 0`` with ``K a = a^(-1/alpha)`` elementwise (Nash-MTL for ``alpha = 1``, FairGrad).
 
-    It is the minimizer of the strictly convex ``f(w) = w^T K w / 2 + sum_t psi(w_t)`` with
-    ``psi'(w) = -w^(-1/alpha)``, found by damped Newton steps that stay inside ``w > 0``. A small
-    ridge keeps ``f`` bounded below when a gradient is zero (its weight is then large but
-    multiplies a zero row).
+    With ``p = 1 / alpha``, norms ``n_t`` and ``a = b / n``, the system becomes
+    ``C b = r * b^(-p)`` on the cosine matrix ``C`` with ``r_t = n_t^(p - 1)``, whose solution is
+    the minimizer of the strictly convex ``f(b) = b^T C b / 2 + sum_t r_t psi(b_t)``,
+    ``psi'(b) = -b^(-p)``: damped Newton steps that stay inside ``b > 0`` find it. Working on
+    cosines makes the tolerances independent of how different the gradient norms are. A task with
+    a zero gradient gets weight 0 (no weight can balance it, and it adds nothing to ``d``).
     """
-    k, scale = normalized(gram)
     t = len(gram)
     p = 1.0 / alpha
-    k = k + ridge * np.eye(t)
+    norms = np.sqrt(np.clip(np.diag(gram), 0.0, None))
+    live = norms > 1e-12 * max(norms.max(), _TINY)
+    out = np.zeros(t)
+    if not live.any():
+        return out
+    n = norms[live]
+    cos = gram[np.ix_(live, live)] / np.outer(n, n) + ridge * np.eye(int(live.sum()))
+    r = n ** (p - 1.0)
+    # Solve for r / rho (rho its geometric mean), then b scales by rho^(1 / (1 + p)).
+    rho = float(np.exp(np.log(r).mean()))
+    b = _newton_power(cos, r / rho, p) * rho ** (1.0 / (1.0 + p))
+    out[live] = b / n
+    return out
 
-    def objective(w: np.ndarray) -> float:
-        barrier = -np.log(w) if p == 1.0 else -(w ** (1.0 - p)) / (1.0 - p)
-        return 0.5 * w @ k @ w + barrier.sum()
 
-    w = np.ones(t)
+def _newton_power(c: np.ndarray, r: np.ndarray, p: float) -> np.ndarray:
+    def objective(b: np.ndarray) -> float:
+        barrier = -np.log(b) if p == 1.0 else -(b ** (1.0 - p)) / (1.0 - p)
+        return 0.5 * b @ c @ b + r @ barrier
+
+    b = np.ones(len(c))
     for _ in range(200):
-        grad = k @ w - w**-p
-        if np.max(np.abs(grad) * w) < 1e-13:
+        grad = c @ b - r * b**-p
+        if np.max(np.abs(grad) * b) < 1e-14 * max(1.0, float(np.max(r * b ** (1 - p)))):
             break
-        step = np.linalg.solve(k + np.diag(p * w ** (-p - 1.0)), grad)
+        step = np.linalg.solve(c + np.diag(r * p * b ** (-p - 1.0)), grad)
         size = 1.0
-        # Fraction to the boundary, then backtracking on f.
-        while np.any(w - size * step <= 0):
+        # Fraction to the boundary, then backtracking (Armijo) on f.
+        while np.any(b - size * step <= 0):
             size *= 0.5
-        f0 = objective(w)
-        while objective(w - size * step) > f0 - 1e-4 * size * (grad @ step) and size > 1e-12:
+        f0 = objective(b)
+        while objective(b - size * step) > f0 - 1e-4 * size * (grad @ step) and size > 1e-12:
             size *= 0.5
-        w = w - size * step
-    # K w = w^-p on the normalized K; for K = s K' the solution scales by s^(-1 / (1 + p)).
-    return w * (scale if scale > 0 else 1.0) ** (-1.0 / (1.0 + p))
+        b = b - size * step
+    return b
 
 
 def cagrad_weights(gram: np.ndarray, c: float) -> np.ndarray:
