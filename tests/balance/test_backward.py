@@ -1,0 +1,168 @@
+"""``backward`` on real models agrees with ``aggregate`` on independently computed gradients."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from balance_helpers import TASKS3, HardSharing, conv_tsbn, make, task_losses
+
+import mtnorm
+from mtnorm import balance
+
+GRADIENT_METHODS = {
+    "mgda", "pcgrad", "gradvac", "cagrad", "imtl_g", "nash_mtl", "aligned_mtl", "upgrad", "fairgrad",
+}  # fmt: skip
+
+
+def per_task(losses: dict, params: list) -> tuple[torch.Tensor, list[list]]:
+    """Reference per-task gradients: plain autograd, one task and one parameter list at a time."""
+    rows, each = [], []
+    for loss in losses.values():
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        each.append(grads)
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows), each
+
+
+def expected_loss_scale(name: str, diag: balance.Diagnostics, l: torch.Tensor) -> torch.Tensor:
+    if name in GRADIENT_METHODS:
+        return torch.ones_like(l)
+    if name == "db_mtl":
+        return 1 / (l + 1e-8)
+    return diag.weights.to(l)  # loss weighting and GradNorm scale each loss by its weight
+
+
+def flat_grad(params: list) -> torch.Tensor:
+    return torch.cat([p.grad.reshape(-1) for p in params])
+
+
+def data(seed: int = 0, n: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 5, generator=gen, dtype=torch.float64)
+    return x, torch.randn(n, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("name", balance.available())
+def test_backward_agrees_with_aggregate(name: str) -> None:
+    torch.manual_seed(0)
+    model = HardSharing().double()
+    shared = list(model.encoder.parameters())
+    heads = {t: list(model.heads.heads[t].parameters()) for t in TASKS3}
+    b = make(name)
+    ref = copy.deepcopy(b)
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        x, y = data(step)
+        losses = task_losses(model(x), y)
+        g, _ = per_task(losses, shared)
+        l = torch.stack(list(losses.values())).detach()
+        head_grads = [per_task({t: losses[t]}, heads[t])[1][0] for t in TASKS3]
+        d = ref.aggregate(g, l)
+
+        diag = b.backward(losses, shared)
+        torch.testing.assert_close(flat_grad(shared), d, rtol=1e-6, atol=1e-9)
+        scale = expected_loss_scale(name, diag, l)
+        torch.testing.assert_close(diag.loss_scale.to(l), scale)
+        for t, task in enumerate(TASKS3):
+            for p, g_ref in zip(heads[task], head_grads[t]):
+                torch.testing.assert_close(p.grad, scale[t] * g_ref, rtol=1e-6, atol=1e-10)
+        if name not in GRADIENT_METHODS | {"db_mtl"}:
+            torch.testing.assert_close(diag.weights.to(g) @ g, d, rtol=1e-6, atol=1e-9)
+    for p, q in zip(b.parameters(), ref.parameters()):  # learned weights got the same gradients
+        torch.testing.assert_close(p.grad, q.grad)
+    assert b.step == ref.step == 3
+
+
+@pytest.mark.parametrize("name", ["db_mtl", "mgda", "uw"])
+def test_grad_modes_agree(name: str) -> None:
+    results = {}
+    for mode in ("autograd", "batched", "rep"):
+        torch.manual_seed(0)
+        model = HardSharing().double()
+        x, y = data()
+        losses = task_losses(model(x), y)
+        rep = model.features if mode == "rep" else None
+        diag = make(name).backward(losses, list(model.encoder.parameters()), rep=rep, grad_mode=mode)
+        results[mode] = [p.grad.clone() for p in model.parameters()]
+        assert diag.grad_norms is not None and diag.cosines.shape == (3, 3)
+    if name == "uw":
+        # Loss weighting is linear, so aggregating rep gradients gives the same update.
+        for a, c in zip(results["autograd"], results["rep"]):
+            torch.testing.assert_close(a, c)
+    for a, c in zip(results["autograd"], results["batched"]):
+        torch.testing.assert_close(a, c)
+
+
+def test_rep_mode_against_reference() -> None:
+    torch.manual_seed(0)
+    model = HardSharing().double()
+    x, y = data()
+    losses = task_losses(model(x), y)
+    shared = list(model.encoder.parameters())
+    rep = model.features
+    g = torch.stack(
+        [torch.autograd.grad(v, rep, retain_graph=True)[0].reshape(-1) for v in losses.values()]
+    )
+    l = torch.stack(list(losses.values())).detach()
+    d = balance.get("db_mtl").aggregate(g, l)
+    expected = torch.autograd.grad(rep, shared, d.view_as(rep), retain_graph=True)
+    balance.get("db_mtl").backward(losses, shared, rep=rep)
+    for p, e in zip(shared, expected):
+        torch.testing.assert_close(p.grad, e)
+
+
+def test_loss_weighting_cheap_path_and_forced_diagnostics() -> None:
+    torch.manual_seed(0)
+    model = HardSharing().double()
+    x, y = data()
+    shared = list(model.encoder.parameters())
+    diag = balance.get("ew").backward(task_losses(model(x), y), shared)
+    assert diag.grad_norms is None and diag.cosines is None
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    diag = balance.get("ew").backward(task_losses(model(x), y), shared, diagnostics=True)
+    assert diag.grad_norms.shape == (3,)
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e)
+    assert set(diag.as_dict()) >= {"weight/a", "grad_norm/c", "cos/a/b"}
+
+
+def test_backward_accumulates_like_tensor_backward() -> None:
+    torch.manual_seed(0)
+    model = HardSharing().double()
+    x, y = data()
+    shared = list(model.encoder.parameters())
+    balance.get("mgda").backward(task_losses(model(x), y), shared)
+    once = [p.grad.clone() for p in model.parameters()]
+    balance.get("mgda").backward(task_losses(model(x), y), shared)
+    for p, g in zip(model.parameters(), once):
+        torch.testing.assert_close(p.grad, 2 * g)
+
+
+@pytest.mark.parametrize("forward_mode", ["sequential", "batched"])
+@pytest.mark.parametrize("name", ["db_mtl", "ew", "pcgrad"])
+def test_task_specific_norm_model(name: str, forward_mode: str) -> None:
+    torch.manual_seed(0)
+    model = conv_tsbn().double()
+    shared, specific = mtnorm.shared_parameters(model), mtnorm.task_parameters(model)
+    x = torch.randn(6, 1, 5, 5, dtype=torch.float64)
+    y = torch.randn(6, dtype=torch.float64)
+    b = make(name)
+    ref = copy.deepcopy(b)
+
+    outputs = mtnorm.forward_tasks(model, x, mode=forward_mode)
+    losses = task_losses(outputs, y)
+    g, _ = per_task(losses, shared)
+    _, spec = per_task(losses, specific)
+    l = torch.stack(list(losses.values())).detach()
+    d = ref.aggregate(g, l)
+    diag = b.backward(losses, shared)
+
+    torch.testing.assert_close(flat_grad(shared), d)
+    scale = expected_loss_scale(name, diag, l)
+    for i, p in enumerate(specific):
+        expected = sum(scale[t] * spec[t][i] for t in range(3))
+        torch.testing.assert_close(p.grad, expected)
