@@ -246,6 +246,7 @@ def convert(
     kwargs = dict(norm_kwargs or {})
 
     def replace(module: nn.Module, name: str) -> nn.Module | None:
+        name = name or "<root>"
         kind = type(module)
         if kind in _BN_TYPES:
             new = _batch_norm_like(
@@ -255,7 +256,7 @@ def convert(
             new = _layer_norm_like(module, names, norm, shift, init, report, name)
         else:
             if isinstance(module, _OTHER_NORMS) and not (kind is nn.LayerNorm and not layernorm):
-                report["skipped"].append(f"{name or '<root>'} ({kind.__name__})")
+                report["skipped"].append(f"{name} ({kind.__name__})")
             return None
         new.train(module.training)
         return new
