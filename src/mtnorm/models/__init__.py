@@ -1,0 +1,36 @@
+"""Backbones, heads and the registry of multi-task methods built on them."""
+
+from mtnorm.models.factory import NORM_KINDS, norm_layer
+from mtnorm.models.lenet import LeNetEncoder, linear_heads
+from mtnorm.models.methods import (
+    MultiTaskNet,
+    SingleTaskNets,
+    UnknownMethodError,
+    available_methods,
+    build_method,
+    count_parameters,
+    default_norm_lr_mult,
+    register_method,
+)
+from mtnorm.models.segnet import DenseHead, PooledHead, SegNet
+from mtnorm.models.toy import ToyEncoder, make_toy
+
+__all__ = [
+    "NORM_KINDS",
+    "DenseHead",
+    "LeNetEncoder",
+    "MultiTaskNet",
+    "PooledHead",
+    "SegNet",
+    "SingleTaskNets",
+    "ToyEncoder",
+    "UnknownMethodError",
+    "available_methods",
+    "build_method",
+    "count_parameters",
+    "default_norm_lr_mult",
+    "linear_heads",
+    "make_toy",
+    "norm_layer",
+    "register_method",
+]

@@ -1,0 +1,408 @@
+"""The trainer: builds a run from a :class:`~mtnorm.train.config.Config` and trains it.
+
+One code path serves every method and balancer: the model comes from
+:func:`mtnorm.models.build_method`, outputs from :func:`mtnorm.forward_tasks`, gradients from
+either a plain ``sum(losses).backward()`` (equal weighting) or ``Balancer.backward``.
+
+Resuming is exact: a checkpoint holds the model, optimizer, scheduler, balancer, loss scale, every
+RNG state and the position (epoch, batch within the epoch). Batch order is a function of
+(seed, epoch), so the resumed run sees the same batches and reaches bit-identical parameters on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mtnorm import balance, metrics
+from mtnorm.models.methods import build_method, count_parameters, default_norm_lr_mult
+from mtnorm.norm import forward_tasks, param_groups, shared_parameters
+from mtnorm.train import checkpoint as ckpt
+from mtnorm.train import distributed as ddp
+from mtnorm.train.amp import LossScale, autocast
+from mtnorm.train.benchmarks import Benchmark, get_benchmark
+from mtnorm.train.config import Config, ConfigError, to_dict
+from mtnorm.train.gradients import GradientTransform, scale_grad
+from mtnorm.train.loop import evaluate, num_batches, take, task_losses, train_batches
+from mtnorm.train.report import MetricsLogger, flatten
+
+Callback = Callable[["Trainer"], None]
+
+
+class TrainingError(RuntimeError):
+    """Training cannot continue (e.g. a non-finite loss); the message names the task and step."""
+
+
+@dataclass
+class RunResult:
+    """What :meth:`Trainer.fit` returns."""
+
+    status: str  # "finished" | "interrupted"
+    epoch: int
+    step: int
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    parameters: int = 0
+    seconds: float = 0.0
+    out: Path = Path(".")
+    checkpoint: Path | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """The configured device, with a clear error when it is not available here."""
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} requested but CUDA is not available; use device: cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {name!r} requested but MPS is not available; use device: cpu")
+    return device
+
+
+def make_balancer(name: str, tasks: Sequence[str], kwargs: dict[str, Any]) -> balance.Balancer:
+    """``mtnorm.balance.get(name)``, given the tasks when the method takes them."""
+    try:
+        return balance.get(name, tasks=list(tasks), **kwargs)
+    except TypeError as e:
+        if "'tasks'" not in str(e):
+            raise ConfigError(f"balancer_kwargs: {e}") from None
+    try:
+        return balance.get(name, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"balancer_kwargs: {e}") from None
+
+
+class _StopFlag:
+    """SIGINT handler: the first Ctrl-C asks for a stop at the next step boundary (so the saved
+    state is never half an optimizer step); a second one interrupts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class Trainer:
+    """Builds data, model, optimizer and balancer from ``cfg``; :meth:`fit` trains and evaluates.
+
+    Args:
+        cfg: the run's configuration.
+        callbacks: functions called with the trainer after every optimizer step (logging hooks,
+            tests that interrupt a run).
+        log: where one-line progress messages go (``print`` by default; ``None`` for silence).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        callbacks: Sequence[Callback] = (),
+        log: Callable[[str], None] | None = print,
+    ) -> None:
+        self.cfg = cfg
+        self.callbacks = list(callbacks)
+        self._log = log or (lambda _msg: None)
+        self.device = resolve_device(cfg.device)
+        self.world = ddp.init_from_env(self.device)
+        ckpt.seed_everything(cfg.seed, cfg.deterministic)
+
+        self.bench: Benchmark = get_benchmark(cfg)
+        self.tasks = self.bench.tasks
+        self.specs = self.bench.specs
+        self.train_split, self.test_split = self.bench.load(cfg)
+        self.lower_is_better = metrics.lower_is_better_names([s.metric() for s in self.specs.values()])
+
+        self.model = build_method(
+            cfg.method, self._backbone_factory, self.tasks, self.bench.heads(), **cfg.method_kwargs
+        ).to(self.device)
+        if self.world.distributed:
+            self.model = ddp.prepare_model(self.model, self.device)
+        self.parameters = count_parameters(self.model)
+
+        # STL shares nothing, so there is nothing to balance: its tasks just add up
+        use_balancer = cfg.balancer != "ew" and cfg.method != "stl"
+        self.balancer = make_balancer(cfg.balancer, self.tasks, cfg.balancer_kwargs) if use_balancer else None
+        if self.balancer is not None:
+            self.balancer.to(self.device)
+        self.shared = shared_parameters(self.model)
+
+        self.optimizer = self._make_optimizer()
+        self.scheduler = self._make_scheduler()
+        self.loss_scale = LossScale(cfg.precision == "fp16")
+        needs_hooks = self.loss_scale.enabled or self.world.distributed
+        self.grad_transform = (
+            GradientTransform(self.model.parameters(), ddp.average if self.world.distributed else None)
+            if needs_hooks
+            else None
+        )
+
+        self.out = Path(cfg.out)
+        self.epoch = 0
+        self.step_in_epoch = 0
+        self.global_step = 0
+        self.best_score = -math.inf
+        self.reference: dict[str, dict[str, float]] | None = None
+        self.last_metrics: dict[str, dict[str, float]] = {}
+        self.logger: MetricsLogger | None = None
+        self._stop = _StopFlag()
+
+    # ------------------------------------------------------------------ construction
+    def _backbone_factory(self, norm: str) -> nn.Module:
+        backbone = self.bench.backbone(norm)
+        path = self.cfg.model.checkpoint
+        if path:
+            if not Path(path).is_file():
+                raise ConfigError(
+                    f"model.checkpoint: no file at {path} (pretrained weights are user-provided)"
+                )
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            backbone.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        return backbone
+
+    def _make_optimizer(self) -> torch.optim.Optimizer:
+        o = self.cfg.optim
+        alpha = o.norm_lr_mult if o.norm_lr_mult is not None else default_norm_lr_mult(self.cfg.method)
+        groups = param_groups(
+            self.model, o.lr, norm_lr_mult=alpha, layernorm_lr_mult=o.layernorm_lr_mult,
+            weight_decay=o.weight_decay,
+        )
+        if self.balancer is not None:
+            extra = [p for p in self.balancer.parameters() if p.requires_grad]
+            if extra:
+                groups.append({"name": "balancer", "params": extra, "lr": o.lr, "weight_decay": 0.0})
+        if o.name == "sgd":
+            return torch.optim.SGD(groups, lr=o.lr, momentum=o.momentum)
+        cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
+        return cls(groups, lr=o.lr)
+
+    def _make_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        o = self.cfg.optim
+        if o.scheduler == "step":
+            return torch.optim.lr_scheduler.StepLR(self.optimizer, o.step_size, o.gamma)
+        if o.scheduler == "cosine":
+            return torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, self.cfg.epochs)
+        return None
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue this run exactly where it stands."""
+        return {
+            "config": to_dict(self.cfg),
+            "tasks": list(self.tasks),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict() if self.scheduler else None,
+            "balancer": self.balancer.state_dict() if self.balancer is not None else None,
+            "loss_scale": self.loss_scale.state_dict(),
+            "rng": ckpt.rng_state(),
+            "epoch": self.epoch,
+            "step_in_epoch": self.step_in_epoch,
+            "global_step": self.global_step,
+            "best_score": self.best_score,
+            "reference": self.reference,
+            "metrics": self.last_metrics,
+            "parameters": self.parameters,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` (RNG states included)."""
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        if self.balancer is not None and state["balancer"] is not None:
+            self.balancer.load_state_dict(state["balancer"])
+        self.loss_scale.load_state_dict(state["loss_scale"])
+        ckpt.set_rng_state(state["rng"])
+        self.epoch = state["epoch"]
+        self.step_in_epoch = state["step_in_epoch"]
+        self.global_step = state["global_step"]
+        self.best_score = state["best_score"]
+        self.reference = state["reference"]
+        self.last_metrics = state["metrics"]
+
+    def save(self, name: str = "last.pt") -> Path | None:
+        """Write a checkpoint atomically into the run folder (main process only)."""
+        if not self.world.is_main:
+            return None
+        return ckpt.save_atomic(self.state_dict(), self.out / name)
+
+    # ------------------------------------------------------------------ training
+    def _global_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Give each loss the value of the global-batch mean, keeping its local gradient.
+
+        Loss-based balancers read loss values; without this each process would weigh the tasks
+        by its own shard's losses and the replicas would drift apart.
+        """
+        values = torch.stack([l.detach() for l in losses.values()])
+        torch.distributed.all_reduce(values)
+        values /= self.world.size
+        return {t: l + (v - l.detach()) for (t, l), v in zip(losses.items(), values)}
+
+    def train_step(self, index: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on the global batch ``index`` (this process's shard of it)."""
+        cfg = self.cfg
+        if self.world.distributed:
+            index = ddp.shard(index, self.world)
+        x, y = take(self.train_split, index, self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, cfg.precision):
+            out = forward_tasks(self.model, x, mode=cfg.forward_mode)
+        losses = task_losses(out, y, self.specs)
+        if self.world.distributed:
+            losses = self._global_losses(losses)
+        values = {t: float(l.detach()) for t, l in losses.items()}
+        bad = [t for t, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise TrainingError(
+                f"non-finite loss for task {', '.join(map(repr, bad))} at step {self.global_step} "
+                f"(epoch {self.epoch}); the last good checkpoint is kept in {self.out}"
+            )
+        if self.grad_transform is not None:
+            self.grad_transform.scale = self.loss_scale.scale
+        if self.loss_scale.enabled:
+            losses = {t: scale_grad(l, self.loss_scale.scale) for t, l in losses.items()}
+
+        overflow = False
+        try:
+            if self.balancer is None:
+                torch.stack(list(losses.values())).sum().backward()
+            else:
+                self.balancer.backward(losses, self.shared)
+        except balance.NonFiniteError as e:
+            if not self.loss_scale.enabled:
+                raise TrainingError(f"{e} (epoch {self.epoch}, global step {self.global_step})") from None
+            overflow = True
+        if self.loss_scale.enabled and not overflow:
+            overflow = any(
+                p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in self.model.parameters()
+            )
+        if overflow:  # fp16 overflow: skip this step, retry later with a smaller scale
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.optimizer.step()
+        self.loss_scale.update(overflow)
+        return values
+
+    def _evaluate(self) -> dict[str, dict[str, float]]:
+        results, losses = evaluate(
+            self.model, self.test_split, self.specs, self.cfg.data.eval_batch_size, self.device,
+            lambda: autocast(self.device, self.cfg.precision), self.cfg.forward_mode,
+        )
+        if self.logger is not None:
+            self.logger.log(
+                "eval", self.global_step,
+                {"epoch": self.epoch, **flatten(results), **{f"loss/{t}": v for t, v in losses.items()}},
+            )
+        return results
+
+    def _score(self, results: dict[str, dict[str, float]]) -> float:
+        """Higher is better: Δm% against the first evaluation of this run (scale-free across tasks)."""
+        if self.reference is None:
+            self.reference = results
+        try:
+            return metrics.delta_m(results, self.reference, self.lower_is_better)
+        except (ValueError, KeyError):
+            return -math.inf
+
+    def _progress(self, total: int, initial: int) -> Any:
+        from tqdm.auto import tqdm
+
+        enabled = self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()
+        return tqdm(
+            total=total, initial=initial, disable=not enabled or not self.world.is_main,
+            desc=f"{self.cfg.method} epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False,
+        )
+
+    def fit(self, resume: bool | str | Path = False) -> RunResult:
+        """Train for ``cfg.epochs`` epochs, evaluating on the test split; returns a :class:`RunResult`.
+
+        ``resume=True`` continues from ``<out>/last.pt`` when it exists (a path picks another
+        checkpoint). Ctrl-C (or a ``KeyboardInterrupt`` from a callback) saves ``last.pt`` and
+        returns with ``status="interrupted"``.
+        """
+        cfg = self.cfg
+        if resume:
+            path = Path(resume) if not isinstance(resume, bool) else self.out / "last.pt"
+            if path.is_file():
+                self.load_state_dict(ckpt.load(path, self.device))
+                self._log(f"resumed from {path} at epoch {self.epoch} batch {self.step_in_epoch}")
+            else:
+                self._log(f"no checkpoint at {path}; starting from scratch")
+        if self.world.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.logger = MetricsLogger(self.out, cfg.tensorboard)
+        start = time.perf_counter()
+        batches = num_batches(len(self.train_split), cfg.data.batch_size)
+        status = "finished"
+        with self._stop:
+            try:
+                while self.epoch < cfg.epochs:
+                    self._run_epoch(batches)
+            except KeyboardInterrupt:
+                status = "interrupted"
+        path = self.save()
+        if status == "interrupted":
+            self._log(
+                f"interrupted at epoch {self.epoch} batch {self.step_in_epoch}; checkpoint saved to "
+                f"{path}; continue with --resume"
+            )
+        elif not self.last_metrics:
+            self.last_metrics = self._evaluate()
+        if self.logger is not None:
+            self.logger.close()
+        return RunResult(
+            status, self.epoch, self.global_step, self.last_metrics, self.parameters,
+            time.perf_counter() - start, self.out, path,
+        )
+
+    def _run_epoch(self, batches: int) -> None:
+        cfg = self.cfg
+        self.model.train()
+        with self._progress(batches, self.step_in_epoch) as bar:
+            for b, index in train_batches(
+                self.train_split, cfg.data.batch_size, cfg.seed, self.epoch, self.step_in_epoch
+            ):
+                if self._stop.requested:
+                    raise KeyboardInterrupt
+                losses = self.train_step(index)
+                self.step_in_epoch = b + 1
+                self.global_step += 1
+                bar.update(1)
+                if self.logger is not None and self.global_step % cfg.log_every == 0:
+                    self.logger.log("train", self.global_step, {"epoch": self.epoch, **losses})
+                if cfg.save_every and self.global_step % cfg.save_every == 0:
+                    self.save()
+                for callback in self.callbacks:
+                    callback(self)
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.epoch += 1
+        self.step_in_epoch = 0
+        if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+            self.last_metrics = self._evaluate()
+            score = self._score(self.last_metrics)
+            if score > self.best_score:
+                self.best_score = score
+                self.save("best.pt")
+        self.save()
