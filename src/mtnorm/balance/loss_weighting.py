@@ -27,7 +27,7 @@ class EW(LossWeighting):
 class _LearnedLogScale(LossWeighting):
     """Shared machinery of UW and IMTL-L: one learnable scalar ``s_t`` per task, initialised at 0."""
 
-    def __init__(self, tasks: Sequence[str]) -> None:
+    def __init__(self, tasks: Sequence[str] | None = None) -> None:
         if tasks is None:
             raise ValueError(
                 f"{type(self).__name__} learns one parameter per task; pass tasks=[...] so they "
