@@ -39,7 +39,7 @@ def main() -> None:
         seg = scenes["segment"][j]
         axes[0, j].imshow(scenes["image"][j].astype(np.float32), cmap="gray", vmin=0, vmax=1)
         axes[1, j].imshow(palette[seg], interpolation="nearest")
-        axes[2, j].imshow(scenes["depth"][j], cmap="magma_r", vmin=1.5, vmax=9.5)
+        axes[2, j].imshow(scenes["depth"][j], cmap="magma_r", vmin=1.5, vmax=11)
         normal = scenes["normal"][j].astype(np.float32).transpose(1, 2, 0)
         axes[3, j].imshow((normal + 1) / 2)
         present = [FASHION_CLASSES[c] for c in np.unique(seg) if c != BACKGROUND]

@@ -5,7 +5,7 @@ z toward the viewer; depth = distance along the view ray, larger is farther; 1 p
 depth unit):
 
 * background: a tilted plane ``z_bg = c + g_x X + g_y Y`` (X, Y in depth units from the canvas
-  centre), c ~ U(7, 8), g_x ~ U(-0.4, 0.4), g_y ~ U(0.3, 0.8) so the top recedes like a floor;
+  centre), c ~ U(7.5, 8.5), g_x ~ U(-0.4, 0.4), g_y ~ U(0.3, 0.8) so the top recedes like a floor;
 * 2 to 4 items (distinct source images of the split), each scaled by s ~ U(0.8, 1.5) and centred
   at a uniform position in [12, 52]^2 pixels; item k is the surface
   ``z_k(x, y) = d_k - h B_k(x, y)`` with base depth d_k ~ U(2, 5), relief h = 0.4 and B_k the
@@ -50,7 +50,7 @@ LIGHT = np.array([-0.5, 0.6, 0.8]) / np.linalg.norm([-0.5, 0.6, 0.8])
 ATTRIBUTE_TASKS: tuple[str, ...] = tuple(f"has_{c}" for c in FASHION_CLASSES)
 SCENE_TASKS: tuple[str, ...] = ("segment", "depth", "normal", *ATTRIBUTE_TASKS)
 _SPLIT_ID = {"train": 0, "test": 1}
-_VERSION = 1
+_VERSION = 2
 
 
 def _distinct_sources(rng: np.random.Generator, n: int, n_source: int) -> np.ndarray:
@@ -81,7 +81,7 @@ def sample_scene_params(rng: np.random.Generator, n: int, n_source: int) -> dict
         "left": centre[..., 1] - 14 * scale,
         "depth": rng.uniform(2.0, 5.0, size=(n, MAX_ITEMS)),
         "plane": np.stack(
-            [rng.uniform(7, 8, n), rng.uniform(-0.4, 0.4, n), rng.uniform(0.3, 0.8, n)], axis=1
+            [rng.uniform(7.5, 8.5, n), rng.uniform(-0.4, 0.4, n), rng.uniform(0.3, 0.8, n)], axis=1
         ),
     }
 
