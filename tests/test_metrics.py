@@ -1,0 +1,307 @@
+"""Split-level metric accumulators and Δm, including the TSσBN paper's Table 1."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mtnorm.data.spec import nyuv2_specs
+from mtnorm.metrics import (
+    MAE,
+    Accuracy,
+    BinaryF1,
+    DepthMetric,
+    MultiLabelF1,
+    NormalMetric,
+    SegmentationMetric,
+    average_metrics,
+    delta_m,
+    delta_m_over_seeds,
+    delta_m_terms,
+    lower_is_better_names,
+)
+
+
+def run(metric, preds, targets, sizes):
+    """Feed the split in batches of the given sizes."""
+    metric.reset()
+    start = 0
+    for size in sizes:
+        metric.update(preds[start : start + size], targets[start : start + size])
+        start += size
+    assert start == len(preds)
+    return metric.compute()
+
+
+# --- segmentation ---------------------------------------------------------------------------
+
+
+def test_segmentation_by_hand():
+    target = torch.tensor([[[0, 0, 1, 1], [2, 2, -1, -1]]])
+    pred = torch.tensor([[[0, 1, 1, 1], [2, 0, 2, 0]]])
+    m = SegmentationMetric(3)
+    m.update(pred, target)
+    # class 0: tp 1, fp 1, fn 1 -> 1/3; class 1: tp 2, fp 1, fn 0 -> 2/3; class 2: tp 1, fn 1 -> 1/2
+    out = m.compute()
+    assert out["miou"] == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert out["pixel_acc"] == pytest.approx(4 / 6)
+
+
+def test_segmentation_is_split_level_not_batch_mean():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(10, 5, 6, 7, generator=g)
+    target = torch.randint(-1, 5, (10, 6, 7), generator=g)
+    target[:3] = torch.where(target[:3] == 4, 0, target[:3])  # class 4 absent from early batches
+    whole = run(SegmentationMetric(5), logits, target, [10])
+    split = run(SegmentationMetric(5), logits, target, [3, 1, 6])
+    assert whole == pytest.approx(split, abs=1e-12)
+    # Brute force in numpy.
+    p, t = logits.argmax(1).numpy().ravel(), target.numpy().ravel()
+    keep = t != -1
+    ious = [
+        ((p == c) & (t == c) & keep).sum() / (((p == c) & keep) | (t == c)).sum() for c in range(5)
+    ]
+    assert whole["miou"] == pytest.approx(np.mean(ious))
+    batch_means = np.mean([run(SegmentationMetric(5), logits[i : i + 1], target[i : i + 1], [1])
+                           ["miou"] for i in range(10)])
+    assert abs(batch_means - whole["miou"]) > 1e-3
+
+
+def test_segmentation_absent_class_is_left_out():
+    m = SegmentationMetric(4)
+    m.update(torch.tensor([[0, 1]]), torch.tensor([[0, 1]]))
+    assert m.compute()["miou"] == 1.0 and torch.isnan(m.iou()[2:]).all()
+
+
+def test_segmentation_shape_errors_name_both_shapes():
+    m = SegmentationMetric(3)
+    with pytest.raises(ValueError, match=r"\(2, 3, 4, 5\).*\(2, 4, 6\)"):
+        m.update(torch.zeros(2, 3, 4, 5), torch.zeros(2, 4, 6, dtype=torch.long))
+    with pytest.raises(ValueError, match="C = 3"):
+        m.update(torch.zeros(2, 4, 4, 5), torch.zeros(2, 4, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="0..2"):
+        m.update(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 5]]))
+
+
+# --- depth ----------------------------------------------------------------------------------
+
+
+def test_depth_over_valid_pixels():
+    target = torch.tensor([[[[1.0, 2.0], [0.0, 4.0]]]])
+    pred = torch.tensor([[[[1.5, 1.0], [9.0, 5.0]]]])
+    m = DepthMetric()
+    m.update(pred, target)
+    out = m.compute()
+    assert out["abs_err"] == pytest.approx((0.5 + 1.0 + 1.0) / 3)
+    assert out["rel_err"] == pytest.approx((0.5 + 0.5 + 0.25) / 3)
+    assert DepthMetric.higher_is_better == {"abs_err": False, "rel_err": False}
+
+
+def test_depth_batching_invariant():
+    g = torch.Generator().manual_seed(1)
+    target = torch.rand(9, 1, 5, 5, generator=g) + 0.5
+    target[target < 0.7] = 0  # invalid pixels, unevenly spread over images
+    pred = torch.rand(9, 1, 5, 5, generator=g)
+    whole = run(DepthMetric(), pred, target, [9])
+    assert whole == pytest.approx(run(DepthMetric(), pred, target, [2, 2, 5]), abs=1e-12)
+    with pytest.raises(ValueError, match=r"\(9, 1, 5, 5\).*\(9, 5, 5\)"):
+        DepthMetric().update(pred, target[:, 0])
+
+
+# --- normals --------------------------------------------------------------------------------
+
+
+def _rotated(angles_deg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit targets (0,0,1) and predictions tilted by the given angles, shaped [B,3,1,W]."""
+    a = torch.deg2rad(angles_deg.double())
+    pred = torch.stack([torch.sin(a), torch.zeros_like(a), torch.cos(a)], 0)
+    target = torch.stack([torch.zeros_like(a), torch.zeros_like(a), torch.ones_like(a)], 0)
+    return pred[None, :, None, :], target[None, :, None, :]
+
+
+def test_normal_angles():
+    angles = torch.tensor([5.0, 10.0, 20.0, 25.0, 40.0, 90.0, 170.0], dtype=torch.float64)
+    pred, target = _rotated(angles)
+    pred = pred * 3.0  # predictions need not be unit length
+    m = NormalMetric()
+    m.update(pred, target)
+    out = m.compute()
+    assert out["mean"] == pytest.approx(angles.mean().item(), abs=1e-6)
+    assert out["median"] == pytest.approx(25.0, abs=0.01)
+    assert out["within_11.25"] == pytest.approx(2 / 7)
+    assert out["within_22.5"] == pytest.approx(3 / 7)
+    assert out["within_30"] == pytest.approx(4 / 7)
+
+
+def test_normal_median_over_split_and_invalid_pixels():
+    g = torch.Generator().manual_seed(2)
+    angles = torch.rand(1000, generator=g, dtype=torch.float64) * 60
+    pred, target = _rotated(angles)
+    pred, target = pred.reshape(3, 10, 100).permute(1, 0, 2)[..., None], target.reshape(
+        3, 10, 100
+    ).permute(1, 0, 2)[..., None]
+    target[0, :, :50] = 0  # invalid: zero vectors
+    valid = angles.reshape(10, 100).clone()
+    valid[0, :50] = float("nan")
+    kept = valid[~valid.isnan()]
+    out = run(NormalMetric(), pred, target, [3, 3, 4])
+    assert out["mean"] == pytest.approx(kept.mean().item(), abs=1e-6)
+    lower_median = kept.sort().values[(len(kept) + 1) // 2 - 1].item()
+    assert out["median"] == pytest.approx(lower_median, abs=0.006)
+    with pytest.raises(ValueError, match=r"\[B,3,H,W\]"):
+        NormalMetric().update(torch.zeros(2, 2, 4, 4), torch.zeros(2, 2, 4, 4))
+
+
+# --- classification -------------------------------------------------------------------------
+
+
+def test_multilabel_f1_per_attribute_then_mean():
+    target = torch.tensor([[1, 0, 0], [1, 1, 0], [0, 1, 0], [0, 0, 0]])
+    logits = torch.tensor([[2.0, 1.0, -1], [-1, 3, -2], [1, 1, -1], [-3, -1, -1]])
+    m = MultiLabelF1(3)
+    run(m, logits, target, [1, 3])
+    # attr 0: tp1 fp1 fn1 -> 0.5; attr 1: tp2 fp1 fn0 -> 0.8; attr 2: never -> left out
+    assert m.compute()["f1"] == pytest.approx((0.5 + 0.8) / 2)
+    assert m.compute()["accuracy"] == pytest.approx(9 / 12)
+    assert torch.isnan(m.per_attribute()[2])
+    with pytest.raises(ValueError, match=r"\(4, 2\).*\(4, 3\)"):
+        m.update(logits[:, :2], target)
+
+
+def test_binary_f1_and_probabilities():
+    m = BinaryF1(threshold=0.5)
+    m.update(torch.tensor([0.9, 0.2, 0.7, 0.4]), torch.tensor([1.0, 1.0, 0.0, 0.0]))
+    assert m.compute()["f1"] == pytest.approx(0.5)
+    labels = BinaryF1()
+    labels.update(torch.tensor([[1], [1]]), torch.tensor([1, 1]))
+    assert labels.compute()["f1"] == 1.0
+
+
+def test_accuracy_and_mae():
+    acc = Accuracy()
+    run(acc, torch.tensor([[2.0, 1.0], [0.0, 1.0], [3.0, 4.0]]), torch.tensor([0, 0, 1]), [2, 1])
+    assert acc.compute()["accuracy"] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match=r"\(3,\).*\(4,\)"):
+        acc.update(torch.zeros(3, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    mae = MAE()
+    run(mae, torch.tensor([1.0, 2.0, 5.0]), torch.tensor([0.0, 2.0, 1.0]), [1, 2])
+    assert mae.compute()["mae"] == pytest.approx(5 / 3)
+    with pytest.raises(ValueError, match="no samples"):
+        MAE().compute()
+
+
+def test_directions_feed_delta_m():
+    specs = nyuv2_specs()
+    names = lower_is_better_names({t: s.metric() for t, s in specs.items()})
+    assert names == {"abs_err", "rel_err", "mean", "median"}
+    assert [s.higher_is_better for s in specs.values()] == [True, False, False]
+
+
+# --- Δm -------------------------------------------------------------------------------------
+
+
+def test_delta_m_by_hand_task_vs_metric_averaging():
+    base = {"seg": {"miou": 40.0}, "depth": {"abs_err": 0.5, "rel_err": 0.2}}
+    method = {"seg": {"miou": 44.0}, "depth": {"abs_err": 0.4, "rel_err": 0.25, "extra": 1.0}}
+    terms = delta_m_terms(method, base, {"abs_err", "rel_err"})
+    assert terms == {
+        "seg": {"miou": pytest.approx(10.0)},
+        "depth": {"abs_err": pytest.approx(20.0), "rel_err": pytest.approx(-25.0)},
+    }
+    assert delta_m(method, base, {"abs_err", "rel_err"}) == pytest.approx((10 + (-2.5)) / 2)
+    assert delta_m(method, base, {"abs_err", "rel_err"}, per="metric") == pytest.approx(5 / 3)
+    assert delta_m(base, base, set()) == 0.0
+
+
+def test_delta_m_errors():
+    base = {"a": {"acc": 0.5}, "b": {"err": 1.0}}
+    with pytest.raises(KeyError, match="'b'"):
+        delta_m({"a": {"acc": 0.6}}, base, {"err"})
+    with pytest.raises(KeyError, match="b/err"):
+        delta_m({"a": {"acc": 0.6}, "b": {"other": 1.0}}, base, {"err"})
+    with pytest.raises(ValueError, match="b/err is 0"):
+        delta_m(base, {"a": {"acc": 0.5}, "b": {"err": 0.0}}, {"err"})
+    with pytest.raises(ValueError, match="per must be"):
+        delta_m(base, base, {"err"}, per="tasks")
+    with pytest.raises(TypeError, match="collection"):
+        delta_m(base, base, "err")
+
+
+def test_seed_helpers():
+    runs = [{"t": {"acc": 0.50, "err": 2.0}}, {"t": {"acc": 0.60, "err": 1.0}}]
+    assert average_metrics(runs) == {"t": {"acc": pytest.approx(0.55), "err": 1.5}}
+    base = {"t": {"acc": 0.5, "err": 2.0}}
+    mean, std = delta_m_over_seeds(runs, base, {"err"})
+    values = [0.0, (20.0 + 50.0) / 2]
+    assert mean == pytest.approx(np.mean(values)) and std == pytest.approx(np.std(values, ddof=1))
+    assert delta_m_over_seeds(runs[:1], [base, base], {"err"}) == (0.0, 0.0)
+    with pytest.raises(KeyError, match="run 1"):
+        average_metrics([runs[0], {"t": {"acc": 1.0}}])
+
+
+# Table 1 of task-specific-normalization.md (models trained from scratch), baseline = STL.
+# NYUv2 (3-task SegNet): Seg mIoU ↑, Depth abs err ↓, Normal mean angle ↓, then the printed Δ%.
+NYU_STL = {"seg": 41.45, "depth": 0.580, "normal": 23.80}
+NYU_ROWS = {
+    "HPS": (42.17, 0.502, 26.63, 1.07),
+    "CS": (41.77, 0.492, 26.15, 1.98),
+    "MTAN": (43.12, 0.508, 25.44, 3.14),
+    "TSBN": (43.47, 0.494, 25.32, 4.42),
+    "TSσBN": (43.75, 0.484, 24.09, 6.93),
+}
+# Cityscapes (3-task DeepLabV3): Seg mIoU ↑, Part-seg mIoU ↑, Disparity err ↓, printed Δ%.
+CS_STL = {"seg": 56.61, "part_seg": 53.95, "disparity": 0.841}
+CS_ROWS = {
+    "HPS": (55.03, 51.92, 0.796, -0.39),
+    "CS": (56.73, 53.89, 0.781, 2.43),
+    "MTAN": (55.83, 52.61, 0.799, 0.39),
+    "TSBN": (56.10, 52.82, 0.806, 0.40),
+    "TSσBN": (56.45, 53.26, 0.814, 0.57),
+}
+
+
+def _nested(names, values, metric_names):
+    return {t: {m: v} for t, m, v in zip(names, metric_names, values, strict=True)}
+
+
+@pytest.mark.parametrize(
+    "stl, rows, metric_names",
+    [
+        (NYU_STL, NYU_ROWS, ("miou", "abs_err", "mean_angle")),
+        (CS_STL, CS_ROWS, ("miou", "miou", "abs_err")),
+    ],
+    ids=["nyuv2", "cityscapes"],
+)
+def test_paper_table_1(stl, rows, metric_names):
+    """Every NYUv2 and Cityscapes row of Table 1 reproduces the printed Δ% within 0.05 points.
+
+    One metric per task, so per="task" and per="metric" agree. The printed Δ% is the mean over
+    three runs of each run's Δm, while the printed metrics are rounded means (depth to 3 decimals),
+    so small gaps are expected: the largest here is NYUv2 CS (2.023 vs 1.98, 0.043) and MTAN
+    (3.184 vs 3.14, 0.044). Rounding alone explains this: ±0.0005 on the depth errors of 0.5-0.6
+    moves Δ% by up to ~0.055. Table 1's CelebA column is checked below.
+    """
+    baseline = _nested(stl, stl.values(), metric_names)
+    lower = {"abs_err", "mean_angle"}
+    for name, (*values, printed) in rows.items():
+        method = _nested(stl, values, metric_names)
+        got = delta_m(method, baseline, lower)
+        assert got == pytest.approx(delta_m(method, baseline, lower, per="metric"))
+        assert abs(got - printed) < 0.05, (name, got, printed, delta_m_terms(method, baseline, lower))
+
+
+def test_paper_table_1_celeba():
+    # Single metric (mean F1 over the 40 attributes): Δ% = (F1 - 68.21) / 68.21 × 100.
+    base = {"celeba": {"f1": 68.21}}
+    for f1, printed in ((67.06, -1.69), (65.57, -3.86), (59.49, -12.78), (67.17, -1.52),
+                        (69.45, 1.81)):
+        assert abs(delta_m({"celeba": {"f1": f1}}, base, set()) - printed) < 0.05
+
+
+def test_delta_m_sign_follows_direction():
+    base = {"d": {"abs_err": 1.0}}
+    assert delta_m({"d": {"abs_err": 0.9}}, base, {"abs_err"}) == pytest.approx(10.0)
+    assert math.isclose(delta_m({"d": {"abs_err": 0.9}}, base, set()), -10.0)
