@@ -1,0 +1,176 @@
+"""Milliseconds per training step of every balancing method on a small conv net.
+
+Two models, each with T = 3 and T = 10 tasks:
+
+* ``HPS``: hard parameter sharing (shared encoder + ``mtnorm.TaskHeads``): gradient methods pay
+  T backward passes through the encoder (``HPS-rep``: gradients with respect to the encoder
+  output instead, one encoder backward);
+* ``TSσBN``: the same encoder converted with ``mtnorm.convert(..., norm="sigma")`` and run with
+  ``mtnorm.forward_tasks(mode="sequential")``: the T task graphs are disjoint, so the T per-task
+  backwards cost one ordinary backward and every method costs about what EW costs.
+
+A step is forward + ``balancer.backward`` + ``SGD.step``. Methods are timed side by side:
+repeats are interleaved across methods in shuffled order and the median is reported, along with
+each method's ratio to EW on the same model. If TorchJD or LibMTL import, their UPGrad / DB-MTL
+are timed too (optional; neither is a dependency).
+
+    .venv/bin/python benchmarks/bench_balance.py            # the full table, ~2-3 minutes
+    .venv/bin/python benchmarks/bench_balance.py --quick    # a few methods, a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+import mtnorm
+from mtnorm import balance
+
+LEARNED = {"uw", "imtl_l", "gradnorm"}
+
+
+def encoder() -> nn.Sequential:
+    def block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+        return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU()]
+
+    return nn.Sequential(
+        *block(3, 16, 1), *block(16, 32, 2), *block(32, 32, 2), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
+
+
+class HardSharing(nn.Module):
+    def __init__(self, tasks: list[str]) -> None:
+        super().__init__()
+        self.encoder = encoder()
+        self.heads = mtnorm.TaskHeads({t: nn.Linear(32, 10) for t in tasks})
+
+    def forward(self, x: torch.Tensor) -> dict:
+        self.features = self.encoder(x)
+        return self.heads(self.features)
+
+
+def tsbn_model(tasks: list[str]) -> nn.Module:
+    model = nn.Sequential(encoder(), mtnorm.TaskHeads({t: nn.Linear(32, 10) for t in tasks}))
+    return mtnorm.convert(model, tasks, norm="sigma")
+
+
+def make_step(kind: str, method: str, tasks: list[str], batch: int) -> Callable[[], None]:
+    torch.manual_seed(0)
+    model = HardSharing(tasks) if kind.startswith("HPS") else tsbn_model(tasks)
+    shared = (
+        list(model.encoder.parameters()) if kind.startswith("HPS") else mtnorm.shared_parameters(model)
+    )
+    b = balance.get(method, tasks=tasks) if method in LEARNED else balance.get(method)
+    opt = torch.optim.SGD([*model.parameters(), *b.parameters()], lr=1e-3)
+    x = torch.randn(batch, 3, 32, 32)
+    y = {t: torch.randint(0, 10, (batch,)) for t in tasks}
+    mode = "sequential" if kind == "TSσBN" else "auto"
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = mtnorm.forward_tasks(model, x, mode=mode)
+        losses = {t: nn.functional.cross_entropy(out[t], y[t]) for t in tasks}
+        rep = model.features if kind == "HPS-rep" else None
+        b.backward(losses, shared, rep=rep)
+        opt.step()
+
+    return step
+
+
+def external_steps(kind: str, tasks: list[str], batch: int) -> dict[str, Callable[[], None]]:
+    """TorchJD's UPGrad, timed with the same model, if torchjd imports (optional)."""
+    try:
+        import torchjd
+        from torchjd.aggregation import UPGrad
+    except ImportError:
+        return {}
+    torch.manual_seed(0)
+    model = HardSharing(tasks) if kind == "HPS" else tsbn_model(tasks)
+    shared = list(model.encoder.parameters()) if kind == "HPS" else mtnorm.shared_parameters(model)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x = torch.randn(batch, 3, 32, 32)
+    y = {t: torch.randint(0, 10, (batch,)) for t in tasks}
+    aggregator = UPGrad()
+    mode = "sequential" if kind == "TSσBN" else "auto"
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        out = mtnorm.forward_tasks(model, x, mode=mode)
+        losses = [nn.functional.cross_entropy(out[t], y[t]) for t in tasks]
+        torchjd.backward(losses, aggregator, inputs=shared)
+        opt.step()
+
+    return {"torchjd:upgrad": step}
+
+
+def measure(steps: dict[str, Callable[[], None]], rounds: int, inner: int) -> dict[str, float]:
+    """Median ms per step, repeats interleaved across methods in a shuffled order."""
+    for step in steps.values():  # warm-up: allocations, lazy state
+        step()
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    order = list(steps)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(order)
+        for name in order:
+            start = time.perf_counter()
+            for _ in range(inner):
+                steps[name]()
+            times[name].append((time.perf_counter() - start) / inner * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default="3,10", help="comma-separated task counts")
+    parser.add_argument("--methods", default=",".join(balance.available()))
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--inner", type=int, default=2, help="steps per timed repeat")
+    parser.add_argument("--quick", action="store_true", help="ew, db_mtl, mgda; T=3; 3 rounds")
+    args = parser.parse_args()
+    methods = ["ew", "db_mtl", "mgda"] if args.quick else args.methods.split(",")
+    counts = [3] if args.quick else [int(t) for t in args.tasks.split(",")]
+    rounds = 3 if args.quick else args.rounds
+    if "ew" not in methods:
+        methods.insert(0, "ew")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    kinds = ["HPS", "HPS-rep", "TSσBN"]
+    columns: dict[tuple[str, int], dict[str, float]] = {}
+    for t in counts:
+        tasks = [f"task{i}" for i in range(t)]
+        for kind in kinds:
+            steps = {m: make_step(kind, m, tasks, args.batch) for m in methods}
+            if kind != "HPS-rep":
+                steps.update(external_steps(kind, tasks, args.batch))
+            columns[(kind, t)] = measure(steps, rounds, args.inner)
+
+    names = list(dict.fromkeys(n for col in columns.values() for n in col))
+    header = ["method"]
+    for t in counts:
+        header += [f"{k} T={t}" for k in kinds] + [f"TSσBN T={t} / EW"]
+    print(f"ms/step, median of {rounds} interleaved repeats of {args.inner} steps; batch "
+          f"{args.batch}x3x32x32, {torch.get_num_threads()} threads\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for name in names:
+        row = [name]
+        for t in counts:
+            for kind in kinds:
+                value = columns[(kind, t)].get(name)
+                row.append("-" if value is None else f"{value:.1f}")
+            ts = columns[("TSσBN", t)]
+            row.append(f"{ts[name] / ts['ew']:.2f}x" if name in ts else "-")
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
