@@ -84,6 +84,8 @@ def test_segmentation_shape_errors_name_both_shapes():
         m.update(torch.zeros(2, 4, 4, 5), torch.zeros(2, 4, 5, dtype=torch.long))
     with pytest.raises(ValueError, match="0..2"):
         m.update(torch.zeros(1, 2, dtype=torch.long), torch.tensor([[0, 5]]))
+    with pytest.raises(ValueError, match="predicted labels"):
+        m.update(torch.tensor([[0, 3]]), torch.tensor([[0, 1]]))
 
 
 # --- depth ----------------------------------------------------------------------------------
@@ -305,3 +307,56 @@ def test_delta_m_sign_follows_direction():
     base = {"d": {"abs_err": 1.0}}
     assert delta_m({"d": {"abs_err": 0.9}}, base, {"abs_err"}) == pytest.approx(10.0)
     assert math.isclose(delta_m({"d": {"abs_err": 0.9}}, base, set()), -10.0)
+
+
+# Table 2 (LibMTL, pretrained DeepLabV3-ResNet50), baseline = HPS. Columns: NYUv2 Seg ↑,
+# Depth ↓, Normal ↓, Δ%; Cityscapes Seg ↑, Depth ↓, Δ%.
+TABLE_2_HPS = (53.93, 0.3825, 23.57, 69.81, 0.0125)
+TABLE_2 = {
+    "CS": (53.44, 0.3818, 23.15, 0.35, 69.97, 0.0123, 0.55),
+    "MMOE": (53.14, 0.3876, 23.02, -0.15, 69.81, 0.0126, -0.43),
+    "MTAN": (54.64, 0.3771, 23.12, 1.55, 70.62, 0.0125, 0.49),
+    "CGC": (53.27, 0.3914, 22.14, 0.84, 69.75, 0.0125, -0.12),
+    "PLE": (52.75, 0.3943, 22.10, 0.32, 69.30, 0.0129, -2.02),
+    "LTB": (52.58, 0.3828, 23.31, -0.49, 69.81, 0.0125, -0.35),
+    "DSelect-k": (53.75, 0.3802, 23.18, 0.64, 69.67, 0.0124, 0.26),
+    "TSBN": (53.44, 0.3761, 23.01, 1.04, 69.89, 0.0124, 0.38),
+    "TSσBN": (53.78, 0.3735, 22.31, 2.48, 70.17, 0.0123, 0.85),
+}
+
+
+def test_paper_table_2_nyuv2():
+    """All NYUv2 rows of Table 2 reproduce within 0.01 points (4-digit depth, 2-digit rest)."""
+    seg, dep, nor = TABLE_2_HPS[:3]
+    base = {"seg": {"miou": seg}, "depth": {"abs_err": dep}, "normal": {"mean": nor}}
+    for name, (s, d, n, printed, *_) in TABLE_2.items():
+        method = {"seg": {"miou": s}, "depth": {"abs_err": d}, "normal": {"mean": n}}
+        got = delta_m(method, base, {"abs_err", "mean"})
+        assert abs(got - printed) < 0.01, (name, got, printed)
+
+
+def test_paper_table_2_cityscapes_only_within_rounding():
+    """Table 2's Cityscapes Δ% can NOT be reproduced within 0.05 from the printed numbers: depth
+    errors ~0.0125 are printed with 4 decimals, i.e. to ±0.4 %, which moves a 2-task Δ% by up to
+    ±0.4 points (LTB prints the HPS numbers exactly yet Δ = -0.35). We check the honest weaker
+    claim: each printed Δ% is reachable when every printed value (baseline too) varies within its
+    rounding interval, and the unrounded reading misses by more than 0.05 for some rows."""
+    seg_b, dep_b = TABLE_2_HPS[3:]
+    misses = 0
+    for name, (*_, s, d, printed) in TABLE_2.items():
+        corners = [
+            delta_m(
+                {"seg": {"miou": s + a}, "depth": {"abs_err": d + b}},
+                {"seg": {"miou": seg_b + c}, "depth": {"abs_err": dep_b + e}},
+                {"abs_err"},
+            )
+            for a in (-0.005, 0.005)
+            for b in (-5e-5, 5e-5)
+            for c in (-0.005, 0.005)
+            for e in (-5e-5, 5e-5)
+        ]
+        assert min(corners) <= printed <= max(corners), (name, min(corners), max(corners))
+        base = {"seg": {"miou": seg_b}, "depth": {"abs_err": dep_b}}
+        point = delta_m({"seg": {"miou": s}, "depth": {"abs_err": d}}, base, {"abs_err"})
+        misses += abs(point - printed) > 0.05
+    assert misses >= 5

@@ -103,6 +103,11 @@ class SegmentationMetric(Metric):
                 f"SegmentationMetric: target labels must be in 0..{self.num_classes - 1} "
                 f"or {self.ignore_index}, got {target.min().item()}..{target.max().item()}"
             )
+        if pred.numel() and (pred.min() < 0 or pred.max() >= self.num_classes):
+            raise ValueError(
+                f"SegmentationMetric: predicted labels must be in 0..{self.num_classes - 1}, "
+                f"got {pred.min().item()}..{pred.max().item()}"
+            )
         idx = target * self.num_classes + pred
         self.confusion += torch.bincount(idx, minlength=self.num_classes**2).view_as(self.confusion)
 
