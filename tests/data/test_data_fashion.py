@@ -6,7 +6,7 @@ import gzip
 
 import numpy as np
 import pytest
-from conftest import make_fashion_dir, write_idx
+from fashion_fixtures import make_fashion_dir, write_idx
 
 from mtnorm.data import FASHION_CLASSES, FashionMNISTError, load_fashion_mnist, read_idx
 from mtnorm.data.fashion import DEBIAN_DIR, find_fashion_dir

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_fashion_dir
+from fashion_fixtures import make_fashion_dir
 
 from mtnorm.data import MultiFashion, cache_dir, load_fashion_mnist, make_multifashion
 from mtnorm.data.multifashion import CANVAS, MAX_SHIFT
