@@ -17,8 +17,14 @@ from mtnorm.data.fashion import (
 )
 from mtnorm.data.multifashion import MULTIFASHION_TASKS, MultiFashion, make_multifashion
 from mtnorm.data.nyuv2 import NYUV2_CLASSES, NYUV2_TASKS, NYUv2
-from mtnorm.data.office import OFFICE_CLASSES, OFFICE_DOMAINS, Office, load_office
-from mtnorm.data.qm9 import QM9_TARGETS, load_qm9
+from mtnorm.data.office import (
+    OFFICE_CLASSES,
+    OFFICE_DOMAINS,
+    Office,
+    load_office,
+    office_task_specs,
+)
+from mtnorm.data.qm9 import QM9_TARGETS, load_qm9, qm9_task_specs
 from mtnorm.data.scenes import (
     ATTRIBUTE_TASKS,
     SCENE_TASKS,
@@ -57,6 +63,8 @@ __all__ = [
     "load_qm9",
     "make_multifashion",
     "make_scenes",
+    "office_task_specs",
+    "qm9_task_specs",
     "read_idx",
     "render_scenes",
     "sample_scene_params",
