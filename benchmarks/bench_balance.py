@@ -12,7 +12,7 @@ Two models, each with T = 3 and T = 10 tasks:
 A step is forward + ``balancer.backward`` + ``SGD.step``. Methods are timed side by side:
 repeats are interleaved across methods in shuffled order and the median is reported, along with
 each method's ratio to EW on the same model. If TorchJD or LibMTL import, their UPGrad / DB-MTL
-are timed too (optional; neither is a dependency).
+are timed too (optional; neither is a dependency, and a failure only skips them).
 
     .venv/bin/python benchmarks/bench_balance.py            # the full table, ~2-3 minutes
     .venv/bin/python benchmarks/bench_balance.py --quick    # a few methods, a few seconds
@@ -84,29 +84,67 @@ def make_step(kind: str, method: str, tasks: list[str], batch: int) -> Callable[
 
 
 def external_steps(kind: str, tasks: list[str], batch: int) -> dict[str, Callable[[], None]]:
-    """TorchJD's UPGrad, timed with the same model, if torchjd imports (optional)."""
-    try:
-        import torchjd
-        from torchjd.aggregation import UPGrad
-    except ImportError:
-        return {}
+    """TorchJD's UPGrad and LibMTL's DB-MTL on the same model, if they import (both optional)."""
     torch.manual_seed(0)
     model = HardSharing(tasks) if kind == "HPS" else tsbn_model(tasks)
     shared = list(model.encoder.parameters()) if kind == "HPS" else mtnorm.shared_parameters(model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
     x = torch.randn(batch, 3, 32, 32)
     y = {t: torch.randint(0, 10, (batch,)) for t in tasks}
-    aggregator = UPGrad()
     mode = "sequential" if kind == "TSσBN" else "auto"
 
-    def step() -> None:
+    def task_losses() -> list[torch.Tensor]:
         opt.zero_grad(set_to_none=True)
         out = mtnorm.forward_tasks(model, x, mode=mode)
-        losses = [nn.functional.cross_entropy(out[t], y[t]) for t in tasks]
-        torchjd.backward(losses, aggregator, inputs=shared)
-        opt.step()
+        return [nn.functional.cross_entropy(out[t], y[t]) for t in tasks]
 
-    return {"torchjd:upgrad": step}
+    steps: dict[str, Callable[[], None]] = {}
+    try:
+        import torchjd
+        from torchjd.aggregation import UPGrad
+
+        aggregator = UPGrad()
+
+        def torchjd_step() -> None:
+            torchjd.backward(task_losses(), aggregator, inputs=shared)
+            opt.step()
+
+        steps["torchjd:upgrad"] = torchjd_step
+    except ImportError:
+        pass
+    try:
+        from LibMTL.weighting import DB_MTL
+
+        class LibMTLDBMTL(DB_MTL):  # LibMTL expects to be mixed into its model class
+            def __init__(self) -> None:
+                super().__init__()
+                self.task_num, self.rep_grad, self.device = len(tasks), False, torch.device("cpu")
+
+            def get_share_params(self) -> list[torch.Tensor]:
+                return shared
+
+            def zero_grad_share_params(self) -> None:
+                for p in shared:
+                    p.grad = None
+
+        weighting = LibMTLDBMTL()
+        weighting.init_param()
+
+        def libmtl_step() -> None:
+            weighting.backward(torch.stack(task_losses()), DB_beta=0.9, DB_beta_sigma=0.0)
+            opt.step()
+
+        steps["libmtl:db_mtl"] = libmtl_step
+    except ImportError:
+        pass
+    working = {}
+    for name, step in steps.items():
+        try:
+            step()
+            working[name] = step
+        except Exception as err:  # an optional comparison must never break the benchmark
+            print(f"skipping {name}: {type(err).__name__}: {err}")
+    return working
 
 
 def measure(steps: dict[str, Callable[[], None]], rounds: int, inner: int) -> dict[str, float]:

@@ -166,3 +166,17 @@ def test_task_specific_norm_model(name: str, forward_mode: str) -> None:
     for i, p in enumerate(specific):
         expected = sum(scale[t] * spec[t][i] for t in range(3))
         torch.testing.assert_close(p.grad, expected)
+
+
+@pytest.mark.parametrize("name", ["ew", "db_mtl", "upgrad"])
+def test_sequential_task_passes_backpropagate_each_layer_once_per_task(name: str) -> None:
+    # The free per-task gradients: every method runs each conv's backward exactly T times on
+    # T disjoint task graphs, as one ordinary backward of the summed loss does.
+    model = conv_tsbn().double()
+    conv = model[0][0]
+    calls = []
+    conv.register_full_backward_hook(lambda *args: calls.append(1))
+    x = torch.randn(6, 1, 5, 5, dtype=torch.float64, requires_grad=True)
+    losses = task_losses(mtnorm.forward_tasks(model, x, mode="sequential"), torch.zeros(6))
+    make(name).backward(losses, mtnorm.shared_parameters(model))
+    assert len(calls) == 3
