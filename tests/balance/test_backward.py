@@ -180,3 +180,15 @@ def test_sequential_task_passes_backpropagate_each_layer_once_per_task(name: str
     losses = task_losses(mtnorm.forward_tasks(model, x, mode="sequential"), torch.zeros(6))
     make(name).backward(losses, mtnorm.shared_parameters(model))
     assert len(calls) == 3
+
+
+def test_rep_mode_frees_each_head_graph_and_backpropagates_the_encoder_once() -> None:
+    torch.manual_seed(0)
+    model = HardSharing().double()
+    calls = []
+    model.encoder[0].register_full_backward_hook(lambda *args: calls.append(1))
+    x, y = data()
+    x.requires_grad_()
+    losses = task_losses(model(x), y)
+    balance.get("db_mtl").backward(losses, list(model.encoder.parameters()), rep=model.features)
+    assert len(calls) == 1

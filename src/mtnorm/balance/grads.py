@@ -69,9 +69,14 @@ def resolve_mode(grad_mode: str, rep: Tensor | None, cheap: bool) -> str:
 def reachable_parameters(root: Tensor, stop: Tensor | None = None) -> list[Tensor]:
     """Leaves requiring grad that ``root`` depends on, in a fixed order (not descending past the
     graph node of ``stop``)."""
+    return _walk(root, stop)[0]
+
+
+def _walk(root: Tensor, stop: Tensor | None = None) -> tuple[list[Tensor], set]:
+    """The leaves requiring grad behind ``root`` and the set of graph nodes visited."""
     fn = root.grad_fn
     if fn is None:
-        return [root] if root.requires_grad else []
+        return ([root] if root.requires_grad else []), set()
     stop_fn = stop.grad_fn if stop is not None else None
     seen = {fn}
     stack = [fn]
@@ -88,7 +93,8 @@ def reachable_parameters(root: Tensor, stop: Tensor | None = None) -> list[Tenso
             if child is not None and child not in seen:
                 seen.add(child)
                 stack.append(child)
-    return unique(leaves)
+    seen.discard(stop_fn)  # the encoder behind ``stop`` is backpropagated once, separately
+    return unique(leaves), seen
 
 
 def task_gradients(
@@ -99,9 +105,8 @@ def task_gradients(
     ids = {id(p) for p in shared}
     if rep is not None:
         ids.add(id(rep))
-    specific = [
-        [p for p in reachable_parameters(loss, stop=rep) if id(p) not in ids] for loss in losses
-    ]
+    walks = [_walk(loss, stop=rep) for loss in losses]
+    specific = [[p for p in leaves if id(p) not in ids] for leaves, _ in walks]
     numels = [p.numel() for p in targets]
     ref = targets[0] if targets else losses[0]
     matrix = torch.zeros(len(losses), sum(numels), dtype=ref.dtype, device=ref.device)
@@ -109,18 +114,28 @@ def task_gradients(
     if mode == "batched":
         return _batched(losses, targets, specific, matrix, numels)
 
+    retain = _needed_later([nodes for _, nodes in walks])
     out_specific = []
-    last = len(losses) - 1
     for t, loss in enumerate(losses):
         inputs = targets + specific[t]
         if not inputs or not loss.requires_grad:
             out_specific.append({})
             continue
-        # Retain the graph until the last task: in a shared graph later tasks reuse it.
-        grads = torch.autograd.grad(loss, inputs, retain_graph=t < last, allow_unused=True)
+        grads = torch.autograd.grad(loss, inputs, retain_graph=retain[t], allow_unused=True)
         _fill_row(matrix[t], grads[: len(targets)], numels)
         out_specific.append(_present(specific[t], grads[len(targets) :]))
     return TaskGrads(matrix, out_specific)
+
+
+def _needed_later(nodes: list[set]) -> list[bool]:
+    """Whether task t's graph shares nodes with a later task's, so it must be retained. Disjoint
+    task graphs (sequential task passes) are freed task by task, as one backward would."""
+    later: set = set()
+    out = []
+    for seen in reversed(nodes):
+        out.append(not later.isdisjoint(seen))
+        later |= seen
+    return out[::-1]
 
 
 def _batched(
