@@ -186,7 +186,11 @@ def test_rep_mode_frees_each_head_graph_and_backpropagates_the_encoder_once() ->
     torch.manual_seed(0)
     model = HardSharing().double()
     calls = []
-    model.encoder[0].register_forward_hook(lambda m, i, out: out.register_hook(calls.append))
+
+    def count_backwards(module, inputs, out) -> None:
+        out.register_hook(calls.append)
+
+    model.encoder[0].register_forward_hook(count_backwards)
     x, y = data()
     losses = task_losses(model(x), y)
     balance.get("db_mtl").backward(losses, list(model.encoder.parameters()), rep=model.features)
