@@ -55,7 +55,7 @@ class LogLosses(Balancer):
 
 
 class MaxNorm(Balancer):
-    """Gradient-magnitude balancing behind a loss weighting (DB-MTL, Sec. 3.2, Eq. 3-4).
+    """Gradient-magnitude balancing behind a loss weighting (DB-MTL, Sec. 3.2).
 
     With ``w`` the weights of ``inner`` at step ``k = 1, 2, ...`` and ``g_t`` the raw gradients:
 

@@ -33,7 +33,7 @@ class GramMethod(Balancer):
 
 
 class MGDA(GramMethod):
-    """Multiple-gradient descent as min-norm (Sener and Koltun, NeurIPS 2018, Eq. 3 / Alg. 2).
+    """Multiple-gradient descent as min-norm (Sener and Koltun, NeurIPS 2018).
 
     ``a = argmin_{a in simplex} ||sum_t a_t g_t||^2`` and ``d = sum_t a_t g_t``: the min-norm point
     of the convex hull of the gradients, a common descent direction (``G d >= ||d||^2``). Solved
@@ -62,7 +62,8 @@ class MGDA(GramMethod):
 
 
 class UPGrad(GramMethod):
-    """Unconflicting projection of gradients (Quinton and Rey, "Jacobian descent", 2024, Def. 4).
+    """Unconflicting projection of gradients (Quinton and Rey, "Jacobian descent for
+    multi-objective optimization", 2024; TorchJD's UPGrad).
 
     Each ``g_i`` is projected onto the dual cone ``{x : G x >= 0}``: ``G^T w_i`` with
     ``w_i = argmin_{v >= e_i} v^T K v``; ``d`` is the mean of the projections, so it never conflicts
@@ -74,7 +75,7 @@ class UPGrad(GramMethod):
 
 
 class NashMTL(GramMethod):
-    """Nash-MTL (Navon et al., ICML 2022, Eq. 2 / Thm. 5.1): the Nash bargaining solution.
+    """Nash-MTL (Navon et al., ICML 2022): the Nash bargaining solution.
 
     ``a > 0`` solves ``K a = 1 / a`` elementwise (every task's utility ``g_t^T d`` equals
     ``1 / a_t``) and ``d = sum_t a_t g_t``; it is scale invariant and non-conflicting. Solved
@@ -87,7 +88,7 @@ class NashMTL(GramMethod):
 
 
 class FairGrad(GramMethod):
-    """FairGrad (Ban and Ji, ICML 2024, Eq. 6): alpha-fair utility maximisation.
+    """FairGrad (Ban and Ji, ICML 2024): alpha-fair utility maximisation.
 
     ``a > 0`` solves ``K a = a^(-1/alpha)`` elementwise and ``d = sum_t a_t g_t``; ``alpha = 1``
     is Nash-MTL's solution, ``alpha -> infinity`` approaches max-min fairness.
@@ -112,7 +113,9 @@ class CAGrad(GramMethod):
     code's default). ``c`` in ``[0, 1)`` trades the average loss against the worst task.
     """
 
-    def __init__(self, c: float = 0.4, rescale: bool = True, tasks: Sequence[str] | None = None):
+    def __init__(
+        self, c: float = 0.4, rescale: bool = True, tasks: Sequence[str] | None = None
+    ) -> None:
         super().__init__(tasks)
         if c < 0:
             raise ValueError(f"c must be non-negative, got {c}")
@@ -129,7 +132,7 @@ class CAGrad(GramMethod):
 
 
 class IMTLG(GramMethod):
-    """IMTL-G, the gradient half of IMTL (Liu et al., ICLR 2021, Sec. 3.1, Eq. 7).
+    """IMTL-G, the gradient half of IMTL (Liu et al., ICLR 2021).
 
     ``d = sum_t a_t g_t`` with ``sum_t a_t = 1`` and equal projections on every unit gradient
     ``u_t = g_t / ||g_t||``: ``a_{2:T} = g_1 U^T (D U^T)^{-1}`` with rows ``D_t = g_1 - g_t``,
@@ -244,7 +247,7 @@ class GradVac(GramMethod):
 
 
 class GradNorm(Balancer):
-    """GradNorm (Chen et al., ICML 2018, Eq. 1-2): learn weights that equalise training rates.
+    """GradNorm (Chen et al., ICML 2018): learn weights that equalise training rates.
 
     Weights ``w = T softmax(xi)`` (``xi`` = ``logits``, learnable: add ``balancer.parameters()`` to
     the optimizer); ``d = sum_t w_t g_t``. With ``G_t = w_t ||g_t||``, its mean ``G_bar`` and the

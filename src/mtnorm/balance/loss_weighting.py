@@ -45,7 +45,7 @@ class _LearnedLogScale(LossWeighting):
 
 
 class UW(_LearnedLogScale):
-    """Uncertainty weighting (Kendall, Gal and Cipolla, CVPR 2018, Eq. 7), homoscedastic form.
+    """Uncertainty weighting (Kendall, Gal and Cipolla, CVPR 2018), homoscedastic form.
 
     With a learnable log-variance ``s_t`` per task (``log_scale``) the objective is
     ``sum_t exp(-s_t) l_t + s_t``, so ``w_t = exp(-s_t)`` and
@@ -62,7 +62,7 @@ class UW(_LearnedLogScale):
 
 
 class IMTLL(_LearnedLogScale):
-    """IMTL-L, the loss half of IMTL (Liu et al., ICLR 2021, Sec. 3.2).
+    """IMTL-L, the loss half of IMTL (Liu et al., ICLR 2021).
 
     Learnable ``s_t`` (``log_scale``): the objective ``sum_t exp(s_t) l_t - s_t`` makes every scaled
     loss ``exp(s_t) l_t`` tend to 1. ``w_t = exp(s_t)``; ``d/d s_t = exp(s_t) l_t - 1`` goes to
@@ -78,7 +78,7 @@ class IMTLL(_LearnedLogScale):
 
 
 class DWA(LossWeighting):
-    """Dynamic weight average (Liu, Johns and Davison, MTAN, CVPR 2019, Eq. 1).
+    """Dynamic weight average (Liu, Johns and Davison, MTAN, CVPR 2019).
 
     ``w_t(k) = T exp(r_t / tau) / sum_i exp(r_i / tau)`` with ``r_t = l_t(k-1) / l_t(k-2)``, the
     rate at which task t's loss went down; ``w = 1`` for the first two steps. The paper averages
