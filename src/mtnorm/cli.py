@@ -1,0 +1,251 @@
+"""The ``mtnorm`` command: ``run``, ``train``, ``eval``, ``bench``, ``methods``.
+
+Every user error (bad config key, missing data, unknown method or balancer) ends in a one-line
+``mtnorm: error: ...`` on stderr and a non-zero exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class CLIError(Exception):
+    """A problem with the command line itself."""
+
+
+def _csv(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _seeds(text: str) -> list[int]:
+    """``"3"`` means seeds 0, 1, 2; ``"0,5,7"`` those seeds."""
+    try:
+        if "," in text:
+            return [int(s) for s in _csv(text)]
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--seeds takes a count or a comma list of seeds, got {text!r}"
+        ) from None
+    if count < 1:
+        raise argparse.ArgumentTypeError("--seeds must be at least 1")
+    return list(range(count))
+
+
+def _alphas(text: str) -> list[float]:
+    try:
+        return [float(a) for a in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--alphas takes comma-separated numbers, got {text!r}") from None
+
+
+def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=0.01", "epochs=3"]`` -> dotted overrides with YAML-typed values."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise CLIError(f"--set expects KEY=VALUE (e.g. optim.lr=0.01), got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtnorm", description="Multi-task learning with task-specific normalization."
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run", help="train and compare methods on an embedded benchmark (default: MultiFashion)"
+    )
+    run.add_argument("--benchmark", choices=["multifashion", "scenes"], default="multifashion")
+    run.add_argument("--methods", type=_csv, default=None, help="comma list (default: stl,hps,tsbn,tssbn)")
+    run.add_argument("--balancer", default="ew", help="any name of mtnorm.balance (default: ew)")
+    run.add_argument("--epochs", type=int, default=None)
+    run.add_argument("--seeds", type=_seeds, default=[0], help="a count (3 = seeds 0,1,2) or a list")
+    run.add_argument("--n-train", type=int, default=None, help="training-set size")
+    run.add_argument("--n-test", type=int, default=None, help="test-set size")
+    run.add_argument("--alphas", type=_alphas, default=None, help="α sweep for task-norm methods")
+    run.add_argument("--device", default=None)
+    run.add_argument("--out", default=None, help="results folder (default: runs/<benchmark>)")
+
+    train = sub.add_parser("train", help="train one run from a YAML config")
+    train.add_argument("config")
+    train.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on its benchmark's test split")
+    ev.add_argument("checkpoint")
+    ev.add_argument("--device", default=None)
+
+    bench = sub.add_parser("bench", help="a grid of methods x seeds from a config, as mean ± std")
+    bench.add_argument("config")
+    bench.add_argument("--methods", type=_csv, default=None, help="comma list (default: the config's method)")
+    bench.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
+    bench.add_argument("--alphas", type=_alphas, default=None, help="α sweep for task-norm methods")
+    bench.add_argument("--baseline", default="stl")
+    bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    bench.add_argument("--out", default=None)
+
+    sub.add_parser("methods", help="list the registered methods and balancers")
+    return parser
+
+
+def _variants(methods: Sequence[str], alphas: Sequence[float] | None) -> list:
+    from mtnorm.models import available_methods
+    from mtnorm.models.methods import UnknownMethodError
+    from mtnorm.train.experiment import Variant
+
+    known = available_methods()
+    for m in methods:
+        if m not in known:
+            raise UnknownMethodError(f"unknown method {m!r}; choose one of {sorted(known)}")
+    swept = {"tsbn", "tssbn", "dwbn", "adain"}
+    out = []
+    for m in methods:
+        if alphas and m in swept:
+            out.extend(Variant(m, a) for a in alphas)
+        else:
+            out.append(Variant(m))
+    return out
+
+
+def _report(result: Any, base: dict[str, Any], baseline: str, started: float) -> None:
+    from mtnorm.train.experiment import summarize, write_summary
+    from mtnorm.train.report import markdown_table
+
+    table, data = summarize(result, baseline)
+    folder = write_summary(result, table, data, base)
+    print()
+    print(table)
+    for label, entry in data.items():
+        if "capacity" in entry:
+            from mtnorm.analysis.capacity import capacity_table
+
+            print(f"\nCapacity split of {label} (seed {entry['seeds'][0]}; C_t = mean gate, paper §5.1):")
+            print(markdown_table(["Task", "C_t", "shared", "independent", "indep. share"],
+                                 capacity_table(entry["capacity"])))
+    elapsed = time.perf_counter() - started
+    print(f"\nwall time {elapsed:.0f}s; results in {folder}/summary.md and summary.json")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from mtnorm.train.experiment import DEFAULT_METHODS, PRESETS, run_grid
+
+    started = time.perf_counter()
+    base = {**PRESETS[args.benchmark]}
+    base = yaml.safe_load(yaml.safe_dump(base))  # deep copy
+    base["balancer"] = args.balancer
+    if args.epochs is not None:
+        base["epochs"] = args.epochs
+    if args.n_train is not None:
+        base["data"]["n_train"] = args.n_train
+    if args.n_test is not None:
+        base["data"]["n_test"] = args.n_test
+    if args.device is not None:
+        base["device"] = args.device
+    variants = _variants(args.methods or DEFAULT_METHODS, args.alphas)
+    out = Path(args.out or f"runs/{args.benchmark}")
+    print(f"mtnorm run: {args.benchmark}, methods {[v.label for v in variants]}, seeds {args.seeds}, "
+          f"{base['epochs']} epochs, balancer {args.balancer}")
+    result = run_grid(base, variants, args.seeds, out)
+    _report(result, base, "stl", started)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from mtnorm.train import Trainer, load_config
+
+    cfg = load_config(args.config, _overrides(args.overrides))
+    result = Trainer(cfg).fit(resume=args.resume)
+    if result.status == "interrupted":
+        return EXIT_INTERRUPTED
+    for task, values in result.metrics.items():
+        print(f"{task}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
+    print(f"{result.parameters} parameters, {result.seconds:.0f}s; checkpoints in {result.out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from mtnorm.train import Trainer, config_from_dict
+    from mtnorm.train import checkpoint as ckpt
+
+    state = ckpt.load(args.checkpoint)
+    values = state["config"]
+    if args.device:
+        values["device"] = args.device
+    trainer = Trainer(config_from_dict(values), log=None)
+    trainer.model.load_state_dict(state["model"])
+    results = trainer._evaluate()
+    for task, vals in results.items():
+        print(f"{task}: " + ", ".join(f"{k}={v:.4f}" for k, v in vals.items()))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from mtnorm.train import load_config, to_dict
+    from mtnorm.train.experiment import run_grid
+
+    started = time.perf_counter()
+    cfg = load_config(args.config, _overrides(args.overrides))
+    base = to_dict(cfg)
+    methods = args.methods or [cfg.method]
+    variants = _variants(methods, args.alphas)
+    out = Path(args.out or f"{cfg.out}-bench")
+    result = run_grid(base, variants, args.seeds, out)
+    _report(result, base, args.baseline, started)
+    return 0
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    from mtnorm import balance
+    from mtnorm.models import available_methods
+
+    for name, text in available_methods().items():
+        print(f"{name:8s} {text}")
+    print("balancers: " + ", ".join(balance.available()))
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "methods": cmd_methods}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``mtnorm`` console script and ``python -m mtnorm``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_USAGE
+    from mtnorm.data.fashion import FashionMNISTError
+    from mtnorm.models.methods import UnknownMethodError
+    from mtnorm.train import ConfigError, DataUnavailableError, TrainingError
+
+    expected = (
+        CLIError, ConfigError, DataUnavailableError, TrainingError, UnknownMethodError,
+        FashionMNISTError, FileNotFoundError, KeyError,
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("mtnorm: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except expected as e:
+        message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        print(f"mtnorm: error: {' '.join(message.split())}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Grids of runs (methods x seeds x α) and their summary: #P, metrics, Δm% against STL.
+
+Used by ``mtnorm run`` (embedded presets) and ``mtnorm bench`` (a config file). Every run is an
+ordinary :class:`~mtnorm.train.trainer.Trainer` run in its own folder; the summary is written as
+``summary.md`` and ``summary.json`` next to them.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mtnorm import metrics
+from mtnorm.train.config import Config, config_from_dict, to_dict
+from mtnorm.train.report import fmt, markdown_table
+from mtnorm.train.trainer import Trainer
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Sized (measured on a 2-core CPU) so that STL+HPS+TSBN+TSσBN finish in well under 10 minutes.
+    "multifashion": {
+        "epochs": 3,
+        "data": {"name": "multifashion", "n_train": 12_000, "n_test": 4_000, "batch_size": 128},
+        "model": {"width": 16, "hidden": 128},
+        "optim": {"name": "adam", "lr": 1e-3},
+    },
+    "scenes": {
+        "epochs": 6,
+        "data": {"name": "scenes", "n_train": 2_000, "n_test": 500, "batch_size": 32, "eval_batch_size": 100},
+        "model": {"width": 16, "levels": 3},
+        "optim": {"name": "adam", "lr": 1e-3},
+    },
+}
+DEFAULT_METHODS = ("stl", "hps", "tsbn", "tssbn")
+
+
+@dataclass
+class Variant:
+    """One row of the summary: a method, optionally with a fixed α (``norm_lr_mult``)."""
+
+    method: str
+    alpha: float | None = None
+
+    @property
+    def label(self) -> str:
+        return self.method if self.alpha is None else f"{self.method} (α={self.alpha:g})"
+
+
+@dataclass
+class GridResult:
+    """All runs of a grid, grouped by variant label."""
+
+    runs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    out: Path = Path(".")
+    seconds: float = 0.0
+    lower_is_better: set[str] = field(default_factory=set)
+
+
+def variant_config(base: dict[str, Any], variant: Variant, seed: int, out: Path) -> Config:
+    """The config of one run of the grid."""
+    values = copy.deepcopy(base)
+    values["method"] = variant.method
+    values["seed"] = seed
+    values.setdefault("data", {})
+    slug = variant.method if variant.alpha is None else f"{variant.method}_alpha{variant.alpha:g}"
+    values["out"] = str(out / f"{slug}-seed{seed}")
+    if variant.alpha is not None:
+        values.setdefault("optim", {})["norm_lr_mult"] = variant.alpha
+    return config_from_dict(values)
+
+
+def run_grid(
+    base: dict[str, Any],
+    variants: Sequence[Variant],
+    seeds: Sequence[int],
+    out: str | Path,
+    log: Callable[[str], None] = print,
+) -> GridResult:
+    """Train every variant with every seed; returns their final test metrics and sizes."""
+    out = Path(out)
+    result = GridResult(out=out)
+    start = time.perf_counter()
+    for variant in variants:
+        for seed in seeds:
+            cfg = variant_config(base, variant, seed, out)
+            trainer = Trainer(cfg, log=log)
+            run = trainer.fit()
+            result.lower_is_better = set(trainer.lower_is_better)
+            if run.status != "finished":
+                raise KeyboardInterrupt
+            record = {
+                "method": variant.method,
+                "alpha": variant.alpha,
+                "seed": seed,
+                "parameters": run.parameters,
+                "metrics": run.metrics,
+                "seconds": run.seconds,
+                "out": str(run.out),
+            }
+            if variant.method == "tssbn":
+                from mtnorm.analysis.capacity import capacity_split, importance_vectors
+
+                record["capacity"] = capacity_split(importance_vectors(trainer.model), trainer.tasks)
+            result.runs.setdefault(variant.label, []).append(record)
+            summary = ", ".join(f"{t}/{k}={v:.4f}" for t, m in run.metrics.items() for k, v in m.items())
+            log(f"  {variant.label} seed {seed}: {summary} ({run.seconds:.0f}s)")
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
+    if len(values) == 1:
+        return values[0], None
+    return statistics.fmean(values), statistics.stdev(values)
+
+
+def summarize(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str, Any]]:
+    """A Markdown table (#P relative to the baseline, every metric, Δm%) and its JSON form."""
+    labels = list(result.runs)
+    first = result.runs[labels[0]][0]
+    columns = [(t, k) for t, m in first["metrics"].items() for k in m]
+    lower = result.lower_is_better
+    base_runs = result.runs.get(baseline)
+    base_params = base_runs[0]["parameters"] if base_runs else None
+    base_metrics = metrics.average_metrics([r["metrics"] for r in base_runs]) if base_runs else None
+
+    header = ["Method", "#P", *(f"{t} {k}" for t, k in columns)]
+    if base_runs:
+        header.append(f"Δm% vs {baseline}")
+    rows, data = [], {}
+    for label in labels:
+        runs = result.runs[label]
+        params = runs[0]["parameters"]
+        row = [label, f"{params / base_params:.2f}" if base_params else str(params)]
+        entry: dict[str, Any] = {"parameters": params, "seeds": [r["seed"] for r in runs], "metrics": {}}
+        for t, k in columns:
+            mean, std = _mean_std([r["metrics"][t][k] for r in runs])
+            scale = 100.0 if _is_fraction(k) else 1.0
+            row.append(fmt(mean * scale, None if std is None else std * scale))
+            entry["metrics"][f"{t}/{k}"] = {"mean": mean, "std": std}
+        if base_runs:
+            dm, dm_std = metrics.delta_m_over_seeds([r["metrics"] for r in runs], base_metrics, lower)
+            row.append(fmt(dm, dm_std if len(runs) > 1 else None))
+            entry["delta_m"] = {"mean": dm, "std": dm_std if len(runs) > 1 else None}
+        if "capacity" in runs[0]:
+            entry["capacity"] = runs[0]["capacity"]
+        rows.append(row)
+        data[label] = entry
+    return markdown_table(header, rows), data
+
+
+def _is_fraction(name: str) -> bool:
+    """Metrics in [0, 1] that read better as percentages."""
+    return name in ("accuracy", "miou", "pixel_acc", "f1") or name.startswith("within")
+
+
+def write_summary(result: GridResult, table: str, data: dict[str, Any], base: dict[str, Any]) -> Path:
+    """``summary.md`` and ``summary.json`` in the grid's folder; returns the folder."""
+    result.out.mkdir(parents=True, exist_ok=True)
+    (result.out / "summary.md").write_text(table + "\n")
+    payload = {"config": base, "seconds": result.seconds, "variants": data, "runs": result.runs}
+    (result.out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return result.out
+
+
+def base_from_config(cfg: Config) -> dict[str, Any]:
+    """A config as the base dict of a grid (method/seed/out are set per run)."""
+    return to_dict(cfg)
