@@ -20,8 +20,38 @@ from mtnorm.norm.adaptive import AdaINBatchNorm, DynamicWeightedBatchNorm
 from mtnorm.norm.batchnorm import TaskBatchNorm, TaskSigmoidBatchNorm, _TaskBatchNormBase
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable all-reduce (sum): the gradient of every process's copy of the sum reaches every
+    process's summand, so the backward is itself an all-reduce of the upstream gradients.
+
+    (``torch.distributed.nn.functional.all_reduce`` computes the same but is deprecated and warns
+    with a ``FutureWarning`` on every call.)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        out = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _AllReduceSum.apply(grad, ctx.group), None
+
+
+def _all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
+    return _AllReduceSum.apply(tensor, group)
+
+
 class _SyncStats:
-    """Mixin: replaces local batch moments with moments over every process of ``process_group``."""
+    """Mixin: replaces local batch moments with moments over every process of ``process_group``.
+
+    As in ``nn.SyncBatchNorm``, statistics are synchronized only in training mode: in eval mode
+    (with ``track_running_stats=False``) each process normalizes with its local batch, so an
+    evaluation that runs on one rank only cannot hang. Sums are accumulated in at least float32
+    (and the per-process counts with them), then cast back to the input's dtype.
+    """
 
     _native_single_task = False
     _fused_batch_stats = False
@@ -29,18 +59,22 @@ class _SyncStats:
 
     def _batch_moments(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         group = self.process_group
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        if (
+            not self.training  # type: ignore[attr-defined]
+            or not (dist.is_available() and dist.is_initialized())
+            or dist.get_world_size(group) == 1
+        ):
             return super()._batch_moments(xs)  # type: ignore[misc]
-        from torch.distributed.nn.functional import all_reduce
-
+        acc = torch.promote_types(xs.dtype, torch.float32)
         local = xs.shape[1] * xs.shape[3]
-        count = torch.tensor([float(local)], dtype=xs.dtype, device=xs.device)
-        sums = all_reduce(torch.cat([xs.sum(dim=(1, 3)).flatten(), count]), group=group)
+        count = torch.tensor([float(local)], dtype=acc, device=xs.device)
+        sums = _all_reduce(torch.cat([xs.sum(dim=(1, 3), dtype=acc).flatten(), count]), group)
         total = sums[-1]
         mean = (sums[:-1] / total).view(xs.shape[0], xs.shape[2])
-        centered = xs - mean[:, None, :, None]
-        sq = all_reduce(centered.square().sum(dim=(1, 3)), group=group)
-        return sq / total, mean, int(total.item())
+        centered = xs.to(acc) - mean[:, None, :, None]
+        sq = _all_reduce(centered.square().sum(dim=(1, 3)), group)
+        var = sq / total
+        return var.to(xs.dtype), mean.to(xs.dtype), int(total.item())
 
 
 class TaskSyncBatchNorm(_SyncStats, TaskBatchNorm):

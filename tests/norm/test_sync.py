@@ -1,0 +1,237 @@
+"""Per-task synchronized batch norm (``mtnorm.convert_sync``) on 2 CPU processes (gloo).
+
+The reference is ONE process running the same converted model *without* synchronization on the
+concatenated batch of both processes. In float64, outputs, input gradients, parameter gradients
+(summed over the processes, i.e. before DDP's averaging) and running statistics after a training
+step must agree to ``rtol=1e-9, atol=1e-10`` (they differ only by the order of floating-point
+sums), in sequential (``use_task``) and batched passes, for TSBN, TSσBN, DW-BN and AdaIN-BN.
+The two processes hold batches of different sizes (3 and 5), which checks that statistics are
+weighted by count.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import mtnorm
+from mtnorm.norm.sync import _SyncStats
+
+pytestmark = pytest.mark.distributed
+
+TASKS = ["seg", "depth", "normal"]
+WORLD = 2
+SHARDS = (3, 5)  # per-process batch sizes; the reference runs on all 8 samples
+TOL = {"rtol": 1e-9, "atol": 1e-10}
+# (norm, convert kwargs) pairs run in every mode
+CASES = [
+    ("bn", {}),
+    ("bn", {"share_stats": True}),
+    ("sigma", {"shift": True}),
+    ("sigma", {"share_stats": True}),
+    ("dw", {}),
+    ("adain", {}),
+]
+MODES = ["sequential", "batched"]
+
+
+class Net(nn.Module):
+    """2D and 1D batch norms (spatial and ``[N, C]`` inputs), one with the cumulative average."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(5, momentum=0.3)
+        self.fc = nn.Linear(5, 3)
+        self.bn3 = nn.BatchNorm1d(3, momentum=None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.bn2(self.conv2(x)).mean(dim=(2, 3))
+        return self.bn3(self.fc(x))
+
+
+def _model(norm: str, kwargs: dict) -> nn.Module:
+    torch.manual_seed(0)
+    model = Net().double()
+    model = mtnorm.convert(model, TASKS, norm=norm, **kwargs)
+    with torch.no_grad():  # move every task's parameters and statistics off their identical init
+        for name, p in model.named_parameters():
+            if not name.startswith(("conv", "fc")):
+                p.add_(0.3 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("running_mean"):
+                b.copy_(0.1 * torch.randn_like(b))
+            elif name.endswith("running_var"):
+                b.copy_(1 + 0.2 * torch.rand_like(b))
+            elif name.endswith("num_batches_tracked"):
+                b.fill_(3)
+    return model.train()
+
+
+def _data() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    n = sum(SHARDS)
+    x = torch.randn(n, 3, 5, 5, dtype=torch.float64, generator=g) * 2 + 0.5
+    # random loss weights per task, so the input gradients of batch norm are not trivially 0
+    w = {t: torch.randn(n, 3, dtype=torch.float64, generator=g) for t in TASKS}
+    return x, w
+
+
+def _run(model: nn.Module, x: torch.Tensor, w: dict[str, torch.Tensor], mode: str):
+    """Outputs per task and the gradient of ``sum_t <out_t, w_t>`` w.r.t. x and the parameters."""
+    x = x.detach().clone().requires_grad_(True)
+    if mode == "sequential":
+        out = {}
+        for task in TASKS:
+            with mtnorm.use_task(model, task):
+                out[task] = model(x)
+    else:
+        out = mtnorm.forward_tasks(model, x, mode="batched")
+    loss = sum((out[t] * w[t]).sum() for t in TASKS)
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    return {t: o.detach() for t, o in out.items()}, x.grad.detach(), grads
+
+
+def _check(what: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
+    torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
+
+
+def _worker(rank: int, port: int) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=datetime.timedelta(seconds=60),
+    )
+    try:
+        x, w = _data()
+        lo, hi = sum(SHARDS[:rank]), sum(SHARDS[: rank + 1])
+        for norm, kwargs in CASES:
+            for mode in MODES:
+                tag = f"rank {rank}, norm={norm} {kwargs}, mode={mode}"
+                ref = _model(norm, kwargs)  # one process, concatenated batch, no sync
+                sync = mtnorm.convert_sync(copy.deepcopy(ref))
+                assert any(isinstance(m, _SyncStats) for m in sync.modules())
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", FutureWarning)  # no deprecated collectives
+                    out, gx, grads = _run(sync, x[lo:hi], {t: v[lo:hi] for t, v in w.items()}, mode)
+                ref_out, ref_gx, ref_grads = _run(ref, x, w, mode)
+                for t in TASKS:
+                    _check(f"{tag}: output of {t}", out[t], ref_out[t][lo:hi])
+                _check(f"{tag}: input gradient", gx, ref_gx[lo:hi])
+                for name, grad in grads.items():
+                    dist.all_reduce(grad)  # what DDP sums (then averages) over processes
+                    _check(f"{tag}: gradient of {name}", grad, ref_grads[name])
+                ref_buffers = dict(ref.named_buffers())
+                for name, buf in sync.named_buffers():
+                    _check(f"{tag}: buffer {name}", buf, ref_buffers[name])
+                # eval mode normalizes with the (equal) running statistics, without communication
+                sync.eval()
+                ref.eval()
+                with torch.no_grad(), mtnorm.use_task(sync, TASKS[1]), mtnorm.use_task(ref, TASKS[1]):
+                    _check(f"{tag}: eval output", sync(x[lo:hi]), ref(x)[lo:hi])
+
+        # without running statistics, eval mode uses each process's local batch (as nn.SyncBatchNorm
+        # does), so an evaluation on one rank only cannot hang
+        local = mtnorm.TaskBatchNorm(3, TASKS, track_running_stats=False).double().eval()
+        synced = mtnorm.convert_sync(copy.deepcopy(local))
+        xs = x[lo:hi, :, :, 0]
+        with mtnorm.use_task(local, "depth"), mtnorm.use_task(synced, "depth"):
+            _check(f"rank {rank}: eval without running stats", synced(xs), local(xs))
+        if rank == 0:  # rank 1 does not take part: must not block
+            with mtnorm.use_task(synced, "seg"):
+                synced(xs)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_sync_matches_one_process_on_concatenated_batch():
+    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+@pytest.mark.parametrize("norm,kwargs", CASES)
+@pytest.mark.parametrize("mode", MODES)
+def test_without_process_group_sync_layers_are_local(norm, kwargs, mode):
+    if dist.is_available() and dist.is_initialized():
+        pytest.skip("a process group is initialized in this process")
+    local = _model(norm, kwargs)
+    sync = mtnorm.convert_sync(copy.deepcopy(local))
+    x, w = _data()
+    out, gx, grads = _run(sync, x, w, mode)
+    ref_out, ref_gx, ref_grads = _run(local, x, w, mode)
+    for t in TASKS:
+        _check(f"output of {t}", out[t], ref_out[t])
+    _check("input gradient", gx, ref_gx)
+    for name, grad in grads.items():
+        _check(f"gradient of {name}", grad, ref_grads[name])
+    ref_buffers = dict(local.named_buffers())
+    for name, buf in sync.named_buffers():
+        _check(f"buffer {name}", buf, ref_buffers[name])
+
+
+def test_convert_sync_keeps_parameters_and_buffers():
+    # a TaskLayerNorm is not a batch norm: convert_sync leaves it alone
+    model = nn.Sequential(_model("sigma", {"shift": True}), mtnorm.TaskLayerNorm(3, TASKS).double())
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    assert mtnorm.convert_sync(model, process_group=None) is model
+    assert list(dict(model.named_parameters())) == list(params)
+    assert all(params[n] is p for n, p in model.named_parameters())
+    assert all(buffers[n] is b for n, b in model.named_buffers())
+    bn1 = model[0].bn1
+    assert type(bn1) is mtnorm.TaskSigmoidSyncBatchNorm
+    assert type(model[1]) is mtnorm.TaskLayerNorm
+    assert bn1.process_group is None
+
+    # the optimizer built before the conversion updates the converted model's parameters
+    before = bn1.gamma.detach().clone()
+    x, w = _data()
+    _run(model, x, w, "sequential")
+    opt.step()
+    assert not torch.equal(bn1.gamma, before)
+
+    # converting twice is a no-op
+    mtnorm.convert_sync(model)
+    assert type(model[0].bn1) is mtnorm.TaskSigmoidSyncBatchNorm
+
+
+def test_convert_sync_class_map_and_unknown_subclass():
+    for norm, cls in [
+        ("bn", mtnorm.TaskSyncBatchNorm),
+        ("sigma", mtnorm.TaskSigmoidSyncBatchNorm),
+        ("dw", mtnorm.DynamicWeightedSyncBatchNorm),
+        ("adain", mtnorm.AdaINSyncBatchNorm),
+    ]:
+        model = mtnorm.convert_sync(_model(norm, {}))
+        assert {type(m) for m in model.modules() if isinstance(m, mtnorm.TaskNorm)} == {cls}
+
+    class Custom(mtnorm.TaskBatchNorm):
+        pass
+
+    with pytest.raises(TypeError, match="no synchronized variant of Custom"):
+        mtnorm.convert_sync(nn.Sequential(Custom(3, TASKS)))
