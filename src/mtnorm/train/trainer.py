@@ -67,17 +67,21 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def make_balancer(name: str, tasks: Sequence[str], kwargs: dict[str, Any]) -> balance.Balancer:
-    """``mtnorm.balance.get(name)``, given the tasks when the method takes them."""
-    try:
-        return balance.get(name, tasks=list(tasks), **kwargs)
-    except TypeError as e:
-        if "'tasks'" not in str(e):
-            raise ConfigError(f"balancer_kwargs: {e}") from None
-    try:
-        return balance.get(name, **kwargs)
-    except TypeError as e:
-        raise ConfigError(f"balancer_kwargs: {e}") from None
+def make_balancer(name: str, tasks: Sequence[str], kwargs: dict[str, Any], seed: int) -> balance.Balancer:
+    """``mtnorm.balance.get(name)``, given the tasks and the run's seed when the method takes them.
+
+    Seeding random methods (RLW) from the run's seed keeps whole runs reproducible.
+    """
+    extras: dict[str, Any] = {"tasks": list(tasks), "seed": seed}
+    extras = {k: v for k, v in extras.items() if k not in kwargs}
+    while True:
+        try:
+            return balance.get(name, **kwargs, **extras)
+        except TypeError as e:
+            dropped = [k for k in extras if f"argument {k!r}" in str(e)]
+            if not dropped:
+                raise ConfigError(f"balancer_kwargs: {e}") from None
+            extras.pop(dropped[0])
 
 
 class _StopFlag:
@@ -141,7 +145,7 @@ class Trainer:
 
         # STL shares nothing, so there is nothing to balance: its tasks just add up
         use_balancer = cfg.balancer != "ew" and cfg.method != "stl"
-        self.balancer = make_balancer(cfg.balancer, self.tasks, cfg.balancer_kwargs) if use_balancer else None
+        self.balancer = make_balancer(cfg.balancer, self.tasks, cfg.balancer_kwargs, cfg.seed) if use_balancer else None
         if self.balancer is not None:
             self.balancer.to(self.device)
         self.shared = shared_parameters(self.model)

@@ -1,0 +1,127 @@
+"""The trainer: exact resume, Ctrl-C, mixed precision, non-finite losses, balancers, logs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from train_helpers import params_of, toy_config
+
+from mtnorm.train import Trainer, TrainingError
+
+
+def interrupt_at(step: int):
+    def callback(trainer: Trainer) -> None:
+        if trainer.global_step == step:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+@pytest.mark.parametrize("balancer", ["ew", "uw", "rlw", "db_mtl"])
+def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, balancer):
+    full = Trainer(toy_config(tmp_path / "full", balancer=balancer), log=None)
+    done = full.fit()
+    assert done.status == "finished"
+
+    cfg = toy_config(tmp_path / "cut", balancer=balancer)
+    first = Trainer(cfg, callbacks=[interrupt_at(5)], log=None).fit()  # mid-epoch 0 (8 batches/epoch)
+    assert first.status == "interrupted" and first.step == 5
+    assert (tmp_path / "cut" / "last.pt").is_file()
+
+    resumed = Trainer(cfg, log=None)
+    result = resumed.fit(resume=True)
+    assert result.status == "finished" and result.step == done.step
+    expected, got = params_of(full), params_of(resumed)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name
+    assert result.metrics == done.metrics
+
+
+def test_ctrl_c_signal_stops_at_a_step_boundary_and_saves(tmp_path):
+    def send_sigint(trainer: Trainer) -> None:
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    result = Trainer(toy_config(tmp_path), callbacks=[send_sigint], log=None).fit()
+    assert result.status == "interrupted" and result.step == 3
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["global_step"] == 3 and state["step_in_epoch"] == 3
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("balancer", ["ew", "pcgrad"])
+def test_mixed_precision_runs_with_balancers(tmp_path, precision, balancer):
+    trainer = Trainer(toy_config(tmp_path, precision=precision, balancer=balancer, epochs=1), log=None)
+    result = trainer.fit()
+    assert result.status == "finished"
+    assert all(math.isfinite(v) for m in result.metrics.values() for v in m.values())
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    if precision == "fp16":
+        assert trainer.loss_scale.scale > 1  # scaled, and the hooks removed the scale again
+
+
+def test_fp16_per_task_gradients_reach_the_balancer_unscaled(tmp_path):
+    seen = {}
+    cfg16 = toy_config(tmp_path / "a", precision="fp16", balancer="pcgrad", epochs=1)
+    trainer = Trainer(cfg16, log=None)
+    original = trainer.balancer.combine
+
+    def spy(grads, losses):
+        seen["norm"] = float(grads.norm())
+        return original(grads, losses)
+
+    trainer.balancer.combine = spy
+    trainer.train_step(torch.arange(32))
+    # the scale is 2**16; unscaled gradients of a tiny model are O(1)
+    assert 1e-3 < seen["norm"] < 100
+
+
+def test_nan_loss_names_task_and_step_and_keeps_last_checkpoint(tmp_path):
+    trainer = Trainer(toy_config(tmp_path, epochs=3), log=None)
+
+    def poison(t: Trainer) -> None:
+        if t.global_step == 10:  # in epoch 1, after epoch 0's checkpoint
+            with torch.no_grad():
+                head = t.model.heads.heads["b"]
+                head.weight.fill_(float("nan"))
+
+    trainer.callbacks.append(poison)
+    with pytest.raises(TrainingError, match=r"non-finite loss for task 'b' at step 10"):
+        trainer.fit()
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert state["epoch"] == 1 and state["global_step"] == 8
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+
+
+def test_logs_and_checkpoints_are_written(tmp_path):
+    result = Trainer(toy_config(tmp_path, epochs=2), log=None).fit()
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"train", "eval"}
+    assert sum(r["kind"] == "eval" for r in records) == 2
+    assert (tmp_path / "train.csv").read_text().splitlines()[0].startswith("kind,step")
+    assert (tmp_path / "eval.csv").exists()
+    assert (tmp_path / "best.pt").is_file() and (tmp_path / "last.pt").is_file()
+    assert result.metrics["a"]["accuracy"] > 0.4  # it learns something in 16 steps
+
+
+@pytest.mark.parametrize("method", ["stl", "hps", "tsbn", "dwbn", "adain", "ln", "gn"])
+def test_every_method_trains_through_the_same_path(tmp_path, method):
+    result = Trainer(toy_config(tmp_path, method=method, epochs=1), log=None).fit()
+    assert result.status == "finished" and set(result.metrics) == {"a", "b"}
+
+
+def test_unknown_balancer_lists_the_valid_ones(tmp_path):
+    with pytest.raises(KeyError, match="unknown balancing method 'nope'"):
+        Trainer(toy_config(tmp_path, balancer="nope"), log=None)
+
+
+def test_batched_forward_mode_trains(tmp_path):
+    result = Trainer(toy_config(tmp_path, forward_mode="batched", epochs=1), log=None).fit()
+    assert result.status == "finished"
