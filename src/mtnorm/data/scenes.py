@@ -46,11 +46,13 @@ MIN_VISIBLE = 16
 PIXELS_PER_UNIT = 16.0
 RELIEF = 0.4
 COVER = 0.12
-LIGHT = np.array([-0.5, 0.6, 0.8]) / np.linalg.norm([-0.5, 0.6, 0.8])
+# Python floats, not a float64 array: numpy scalars would promote the float32 maps to float64.
+_L = np.array([-0.5, 0.6, 0.8])
+LIGHT: tuple[float, ...] = tuple(float(v) for v in _L / np.linalg.norm(_L))
 ATTRIBUTE_TASKS: tuple[str, ...] = tuple(f"has_{c}" for c in FASHION_CLASSES)
 SCENE_TASKS: tuple[str, ...] = ("segment", "depth", "normal", *ATTRIBUTE_TASKS)
 _SPLIT_ID = {"train": 0, "test": 1}
-_VERSION = 2
+_VERSION = 3
 
 
 def _distinct_sources(rng: np.random.Generator, n: int, n_source: int) -> np.ndarray:
@@ -109,16 +111,19 @@ def _interp_matrix(coords: np.ndarray, length: int) -> tuple[np.ndarray, np.ndar
 def _bilinear(
     images: np.ndarray, rows: np.ndarray, cols: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sample ``images`` [P,h,w] on the grid ``rows`` [P,H] x ``cols`` [P,W]; zero outside.
+    """Sample ``images`` [P,C,h,w] on the grid ``rows`` [P,H] x ``cols`` [P,W]; zero outside.
 
-    Returns the values [P,H,W] and their exact derivatives along rows and along columns (the
-    bilinear patch's gradient).
+    Returns the values [P,C,H,W] and the exact derivatives of the last channel along rows and
+    along columns [P,H,W] (the bilinear patch's gradient).
     """
-    wr, dr = _interp_matrix(rows, images.shape[1])
-    wc, dc = _interp_matrix(cols, images.shape[2])
-    wc_t, dc_t = wc.transpose(0, 2, 1), dc.transpose(0, 2, 1)
-    along_rows = wr @ images
-    return along_rows @ wc_t, (dr @ images) @ wc_t, along_rows @ dc_t
+    wr, dr = _interp_matrix(rows, images.shape[2])
+    wc, dc = _interp_matrix(cols, images.shape[3])
+    wc_t = np.ascontiguousarray(wc.transpose(0, 2, 1))
+    along_rows = wr[:, None] @ images  # [P,C,H,w]
+    values = along_rows @ wc_t[:, None]
+    d_row = (dr @ images[:, -1]) @ wc_t
+    d_col = along_rows[:, -1] @ dc.transpose(0, 2, 1)
+    return values, d_row, d_col
 
 
 def render_scenes(
@@ -142,33 +147,32 @@ def render_scenes(
     # Canvas pixel centre -> source pixel coordinates of every item slot.
     rows = (pix[None, :] - f32["top"].reshape(-1, 1)) / scale - 0.5
     cols = (pix[None, :] - f32["left"].reshape(-1, 1)) / scale - 0.5
-    tex, _, _ = _bilinear(items, rows, cols)
-    height, dh_row, dh_col = _bilinear(heights, rows, cols)
+    both, dh_row, dh_col = _bilinear(np.stack([items, heights], axis=1), rows, cols)
     shape = (n, k, SIZE, SIZE)
-    tex, height = tex.reshape(shape), height.reshape(shape)
+    tex, height = both[:, 0].reshape(shape), both[:, 1].reshape(shape)
     dh_row, dh_col = dh_row.reshape(shape), dh_col.reshape(shape)
     covered = (height > COVER) & active[:, :, None, None]
     item_z = f32["depth"][:, :, None, None] - RELIEF * height
     # d/dX and d/dY in depth units; rows grow downward while Y grows upward.
-    per_unit = (PIXELS_PER_UNIT / f32["scale"])[:, :, None, None]
+    per_unit = (RELIEF * PIXELS_PER_UNIT / f32["scale"])[:, :, None, None]
+    item_zx = -per_unit * dh_col
+    item_zy = per_unit * dh_row
+    item_alb = 0.3 + 0.7 * tex
 
     coord = (pix - SIZE / 2) / PIXELS_PER_UNIT
     plane = f32["plane"][:, :, None, None]
     depth = plane[:, 0] + plane[:, 1] * coord[None, None, :] - plane[:, 2] * coord[None, :, None]
-    depth = np.ascontiguousarray(np.broadcast_to(depth, (n, SIZE, SIZE)))
     zx = np.broadcast_to(plane[:, 1], (n, SIZE, SIZE)).copy()
     zy = np.broadcast_to(plane[:, 2], (n, SIZE, SIZE)).copy()
     alb = np.full((n, SIZE, SIZE), 0.7, dtype=np.float32)
     segment = np.full((n, SIZE, SIZE), BACKGROUND, dtype=np.uint8)
-    slot_class = labels[idx]
+    slot_class = np.broadcast_to(labels[idx].astype(np.uint8)[:, :, None, None], shape)
     # Z-buffer over the (at most 4) slots: a slot wins a pixel where it covers it and is nearer.
     for j in range(k):
         nearer = covered[:, j] & (item_z[:, j] < depth)
-        depth = np.where(nearer, item_z[:, j], depth)
-        zx = np.where(nearer, -RELIEF * dh_col[:, j] * per_unit[:, j], zx)
-        zy = np.where(nearer, RELIEF * dh_row[:, j] * per_unit[:, j], zy)
-        alb = np.where(nearer, 0.3 + 0.7 * tex[:, j], alb)
-        segment = np.where(nearer, slot_class[:, j, None, None], segment).astype(np.uint8)
+        for dst, src in ((depth, item_z), (zx, item_zx), (zy, item_zy), (alb, item_alb)):
+            np.copyto(dst, src[:, j], where=nearer)
+        np.copyto(segment, slot_class[:, j], where=nearer)
     inv = 1.0 / np.sqrt(zx * zx + zy * zy + 1.0)
     normal = np.stack([zx * inv, zy * inv, inv], axis=1)
     lx, ly, lz = LIGHT
