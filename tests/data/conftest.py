@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
-from fashion_fixtures import make_fashion_dir
-
-from mtnorm.data.fashion import DEBIAN_DIR, find_fashion_dir
+from fashion_fixtures import make_fashion_dir, require_real_fashion
 
 
 @pytest.fixture(autouse=True)
@@ -27,15 +24,4 @@ def fashion_dir(tmp_path) -> Path:
 @pytest.fixture
 def real_fashion_dir() -> Path:
     """The installed Fashion-MNIST folder; missing files fail under CI=true, else skip."""
-    folder = find_fashion_dir()
-    if not (folder / "train-images-idx3-ubyte.gz").exists() and not (
-        folder / "train-images-idx3-ubyte"
-    ).exists():
-        message = (
-            f"Fashion-MNIST not found in {folder} (MTNORM_FASHION_DIR or {DEBIAN_DIR}); "
-            "install with `apt-get install dataset-fashion-mnist`"
-        )
-        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
-            pytest.fail(message)
-        pytest.skip(message)
-    return folder
+    return require_real_fashion()

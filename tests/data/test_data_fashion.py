@@ -6,7 +6,7 @@ import gzip
 
 import numpy as np
 import pytest
-from fashion_fixtures import make_fashion_dir, write_idx
+from fashion_fixtures import make_fashion_dir, require_real_fashion, write_idx
 
 from mtnorm.data import FASHION_CLASSES, FashionMNISTError, load_fashion_mnist, read_idx
 from mtnorm.data.fashion import DEBIAN_DIR, find_fashion_dir
@@ -104,3 +104,15 @@ def test_real_fashion_mnist(real_fashion_dir):
     assert np.bincount(labels).tolist() == [6000] * 10
     assert np.bincount(test_labels).tolist() == [1000] * 10
     assert len(FASHION_CLASSES) == 10 and FASHION_CLASSES[9] == "ankle_boot"
+
+
+def test_real_data_fails_under_ci_and_skips_otherwise(tmp_path, monkeypatch):
+    monkeypatch.setenv("MTNORM_FASHION_DIR", str(tmp_path / "empty"))
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="apt-get install dataset-fashion-mnist"):
+        require_real_fashion()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="not found"):
+        require_real_fashion()
+    monkeypatch.setenv("MTNORM_FASHION_DIR", str(make_fashion_dir(tmp_path / "ok")))
+    assert require_real_fashion() == tmp_path / "ok"
