@@ -347,7 +347,8 @@ def delta_m_terms(
     """The signed relative gains (-1)^δ (M - M_B) / M_B × 100 of every (task, metric).
 
     The baseline decides which tasks and metrics count; the method must have all of them (extra
-    entries in the method are ignored).
+    entries in the method are ignored). The denominator is |M_B| so that the sign of a term
+    always says better/worse, even for a negative baseline value.
     """
     terms: dict[str, dict[str, float]] = {}
     for task, base_metrics in baseline.items():
