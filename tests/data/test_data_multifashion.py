@@ -138,3 +138,12 @@ def test_real_multifashion_small(real_fashion_dir):
     ink_right = images[right].astype(np.int64).sum((1, 2))
     assert (ink >= np.maximum(ink_left, ink_right)).all()
     assert (ink <= ink_left + ink_right).all() and (ink < ink_left + ink_right).any()
+
+
+def test_unwritable_cache_still_returns_data(fashion_dir, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the cache folder should be")
+    monkeypatch.setenv("MTNORM_CACHE", str(blocker))
+    with pytest.warns(UserWarning, match="could not cache"):
+        ds = small(fashion_dir, seed=11)
+    assert torch.equal(ds.raw, small(fashion_dir, seed=11, cache=False).raw)

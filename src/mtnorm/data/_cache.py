@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -95,5 +96,8 @@ def cached(key: str, make: Callable[[], dict[str, np.ndarray]], use_cache: bool 
         shutil.rmtree(cache_dir() / key, ignore_errors=True)
     arrays = make()
     if use_cache:
-        save(key, arrays)
+        try:
+            save(key, arrays)
+        except OSError as err:  # read-only or full disk: the data is still good, just not cached
+            warnings.warn(f"could not cache {key} in {cache_dir()}: {err}", stacklevel=2)
     return arrays

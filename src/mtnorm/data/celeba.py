@@ -59,7 +59,10 @@ class CelebA(Dataset):
         attr_path = require(self.root / "list_attr_celeba.txt", tree)
         part_path = require(self.root / "list_eval_partition.txt", tree)
         names, files, values = read_attributes(attr_path)
-        partition = dict(line.split()[:2] for line in part_path.read_text().splitlines() if line)
+        rows = [line.split() for line in part_path.read_text().splitlines() if line.strip()]
+        if any(len(r) != 2 for r in rows):
+            raise ValueError(f"{part_path}: expected '<file> <0|1|2>' on every line")
+        partition = dict(rows)
         missing = [f for f in files if f not in partition]
         if missing:
             raise ValueError(f"{part_path}: no partition for {missing[:3]} ...")
