@@ -14,11 +14,12 @@ class ToyEncoder(nn.Sequential):
     """Linear, norm, ReLU, twice: the smallest backbone with BatchNorm1d layers to convert."""
 
     def __init__(self, in_features: int = 8, hidden: int = 16, norm: str = "bn") -> None:
+        bias = norm == "none"  # a bias before a re-centring norm has a zero gradient
         super().__init__(
-            nn.Linear(in_features, hidden),
+            nn.Linear(in_features, hidden, bias=bias),
             norm_layer(norm, hidden, dims=1),
             nn.ReLU(),
-            nn.Linear(hidden, hidden),
+            nn.Linear(hidden, hidden, bias=bias),
             norm_layer(norm, hidden, dims=1),
             nn.ReLU(),
         )
