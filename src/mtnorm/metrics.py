@@ -228,7 +228,8 @@ class MultiLabelF1(Metric):
     """Per-attribute F1 from split-level tp/fp/fn, averaged over attributes (CelebA protocol).
 
     ``pred`` [B,A] logits (or labels), ``target`` [B,A] in {0,1}. F1_a = 2tp / (2tp + fp + fn);
-    an attribute with 2tp + fp + fn = 0 (never predicted nor present) is left out of the mean.
+    an attribute with 2tp + fp + fn = 0 (never predicted nor present) is left out of the mean,
+    and ``f1`` is 0.0 when no attribute is defined (sklearn's ``zero_division=0``).
     """
 
     higher_is_better = {"f1": True, "accuracy": True}
