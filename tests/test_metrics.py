@@ -292,7 +292,8 @@ def test_paper_table_1(stl, rows, metric_names):
         method = _nested(stl, values, metric_names)
         got = delta_m(method, baseline, lower)
         assert got == pytest.approx(delta_m(method, baseline, lower, per="metric"))
-        assert abs(got - printed) < 0.05, (name, got, printed, delta_m_terms(method, baseline, lower))
+        terms = delta_m_terms(method, baseline, lower)
+        assert abs(got - printed) < 0.05, (name, got, printed, terms)
 
 
 def test_paper_table_1_celeba():

@@ -23,7 +23,7 @@ from mtnorm.data.office import office_task_specs
 
 
 def write_mtan(root: Path, folders: dict[str, tuple], n: int = 3, h: int = 6, w: int = 8) -> Path:
-    """MTAN-style ``<root>/{train,val}/<folder>/<i>.npy`` with arrays of the given trailing shape."""
+    """MTAN-style ``<root>/{train,val}/<folder>/<i>.npy`` arrays with the given trailing shape."""
     rng = np.random.default_rng(0)
     for split in ("train", "val"):
         for folder, (trailing, kind) in folders.items():

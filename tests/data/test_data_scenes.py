@@ -58,7 +58,8 @@ def test_segment_and_depth_agree_with_the_layout(fashion_dir):
         )
         match |= (seg == cls[:, k, None, None]) & band
     assert match[seg != BACKGROUND].all()
-    # Items are always in front of the background plane (plane depth >= 7.5 - 0.8 - 1.6 > 5 >= item depth).
+    # Items are always in front of the background plane: plane depth >= 7.5 - 0.8 - 1.6 > 5, and
+    # item depth <= 5.
     assert depth[seg != BACKGROUND].max() <= 5.0 < depth[seg == BACKGROUND].min()
 
 
