@@ -9,7 +9,9 @@ Two models, each with T = 3 and T = 10 tasks:
   ``mtnorm.forward_tasks(mode="sequential")``: the T task graphs are disjoint, so the T per-task
   backwards cost one ordinary backward and every method costs about what EW costs.
 
-A step is forward + ``balancer.backward`` + ``SGD.step``. Methods are timed side by side:
+A step is forward + ``balancer.backward`` + ``SGD.step``, timed by default in process CPU time
+on one thread, which other jobs on a shared machine barely disturb (``--clock wall --threads 2``
+for wall-clock time on both cores). Methods are timed side by side:
 repeats are interleaved across methods in shuffled order and the median is reported, along with
 each method's ratio to EW on the same model. If TorchJD or LibMTL import, their UPGrad / DB-MTL
 are timed too (optional; neither is a dependency, and a failure only skips them).
@@ -33,6 +35,7 @@ import mtnorm
 from mtnorm import balance
 
 LEARNED = {"uw", "imtl_l", "gradnorm"}
+LOSS_BASED = {"ew", "uw", "dwa", "rlw", "gls", "imtl_l", "log", "famo"}
 
 
 def encoder() -> nn.Sequential:
@@ -147,7 +150,9 @@ def external_steps(kind: str, tasks: list[str], batch: int) -> dict[str, Callabl
     return working
 
 
-def measure(steps: dict[str, Callable[[], None]], rounds: int, inner: int) -> dict[str, float]:
+def measure(
+    steps: dict[str, Callable[[], None]], rounds: int, inner: int, clock: Callable[[], float]
+) -> dict[str, float]:
     """Median ms per step, repeats interleaved across methods in a shuffled order."""
     for step in steps.values():  # warm-up: allocations, lazy state
         step()
@@ -158,10 +163,10 @@ def measure(steps: dict[str, Callable[[], None]], rounds: int, inner: int) -> di
     for _ in range(rounds):
         rng.shuffle(order)
         for name in order:
-            start = time.perf_counter()
+            start = clock()
             for _ in range(inner):
                 steps[name]()
-            times[name].append((time.perf_counter() - start) / inner * 1e3)
+            times[name].append((clock() - start) / inner * 1e3)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -170,8 +175,15 @@ def main() -> None:
     parser.add_argument("--tasks", default="3,10", help="comma-separated task counts")
     parser.add_argument("--methods", default=",".join(balance.available()))
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--inner", type=int, default=2, help="steps per timed repeat")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--inner", type=int, default=1, help="steps per timed repeat")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: process CPU time, robust to other jobs on a shared machine; wall: perf_counter",
+    )
     parser.add_argument("--quick", action="store_true", help="ew, db_mtl, mgda; T=3; 3 rounds")
     args = parser.parse_args()
     methods = ["ew", "db_mtl", "mgda"] if args.quick else args.methods.split(",")
@@ -179,24 +191,29 @@ def main() -> None:
     rounds = 3 if args.quick else args.rounds
     if "ew" not in methods:
         methods.insert(0, "ew")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     kinds = ["HPS", "HPS-rep", "TSσBN"]
     columns: dict[tuple[str, int], dict[str, float]] = {}
     for t in counts:
         tasks = [f"task{i}" for i in range(t)]
         for kind in kinds:
-            steps = {m: make_step(kind, m, tasks, args.batch) for m in methods}
+            # Loss weighting ignores rep (it never forms per-task gradients): no HPS-rep column.
+            timed = [m for m in methods if kind != "HPS-rep" or m not in LOSS_BASED - {"ew"}]
+            steps = {m: make_step(kind, m, tasks, args.batch) for m in timed}
             if kind != "HPS-rep":
                 steps.update(external_steps(kind, tasks, args.batch))
-            columns[(kind, t)] = measure(steps, rounds, args.inner)
+            columns[(kind, t)] = measure(steps, rounds, args.inner, clock)
 
     names = list(dict.fromkeys(n for col in columns.values() for n in col))
     header = ["method"]
     for t in counts:
         header += [f"{k} T={t}" for k in kinds] + [f"TSσBN T={t} / EW"]
-    print(f"ms/step, median of {rounds} interleaved repeats of {args.inner} steps; batch "
-          f"{args.batch}x3x32x32, {torch.get_num_threads()} threads\n")
+    print(
+        f"ms/step ({args.clock} time), median of {rounds} interleaved repeats of {args.inner} "
+        f"step(s); batch {args.batch}x3x32x32, {torch.get_num_threads()} thread(s)\n"
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for name in names:
