@@ -134,8 +134,12 @@ def _report(result: Any, base: dict[str, Any], baseline: str, started: float) ->
             from mtnorm.analysis.capacity import capacity_table
 
             print(f"\nCapacity split of {label} (seed {entry['seeds'][0]}; C_t = mean gate, paper §5.1):")
-            print(markdown_table(["Task", "C_t", "shared", "independent", "indep. share"],
-                                 capacity_table(entry["capacity"])))
+            print(
+                markdown_table(
+                    ["Task", "C_t", "shared", "independent", "indep. share"],
+                    capacity_table(entry["capacity"]),
+                )
+            )
     elapsed = time.perf_counter() - started
     print(f"\nwall time {elapsed:.0f}s; results in {folder}/summary.md and summary.json")
 
@@ -157,8 +161,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         base["device"] = args.device
     variants = _variants(args.methods or DEFAULT_METHODS, args.alphas)
     out = Path(args.out or f"runs/{args.benchmark}")
-    print(f"mtnorm run: {args.benchmark}, methods {[v.label for v in variants]}, seeds {args.seeds}, "
-          f"{base['epochs']} epochs, balancer {args.balancer}")
+    print(
+        f"mtnorm run: {args.benchmark}, methods {[v.label for v in variants]}, seeds {args.seeds}, "
+        f"{base['epochs']} epochs, balancer {args.balancer}"
+    )
     result = run_grid(base, variants, args.seeds, out)
     _report(result, base, "stl", started)
     return 0
@@ -233,8 +239,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mtnorm.train import ConfigError, DataUnavailableError, TrainingError
 
     expected = (
-        CLIError, ConfigError, DataUnavailableError, TrainingError, UnknownMethodError,
-        FashionMNISTError, FileNotFoundError, KeyError,
+        CLIError,
+        ConfigError,
+        DataUnavailableError,
+        TrainingError,
+        UnknownMethodError,
+        FashionMNISTError,
+        FileNotFoundError,
+        KeyError,
     )
     try:
         return COMMANDS[args.command](args)

@@ -85,10 +85,17 @@ def test_missing_head_is_an_error():
         build_method("hps", lambda norm: ToyEncoder(norm=norm), ["a", "b"], {"a": nn.Linear(16, 2)})
 
 
-@pytest.mark.parametrize("kind,dims,cls", [
-    ("bn", 2, nn.BatchNorm2d), ("bn", 1, nn.BatchNorm1d), ("ln", 2, nn.GroupNorm),
-    ("ln", 1, nn.LayerNorm), ("gn", 2, nn.GroupNorm), ("none", 2, nn.Identity),
-])
+@pytest.mark.parametrize(
+    "kind,dims,cls",
+    [
+        ("bn", 2, nn.BatchNorm2d),
+        ("bn", 1, nn.BatchNorm1d),
+        ("ln", 2, nn.GroupNorm),
+        ("ln", 1, nn.LayerNorm),
+        ("gn", 2, nn.GroupNorm),
+        ("none", 2, nn.Identity),
+    ],
+)
 def test_norm_layer_kinds(kind, dims, cls):
     assert isinstance(norm_layer(kind, 12, dims), cls)
 

@@ -24,18 +24,21 @@ def test_unknown_nested_key_names_its_section():
         config_from_dict({"optim": {"lrr": 0.1}})
 
 
-@pytest.mark.parametrize("values,pattern", [
-    ({"epochs": "ten"}, r"epochs: expected int, got 'ten'"),
-    ({"epochs": 2.5}, r"epochs: expected int"),
-    ({"optim": {"lr": "fast"}}, r"optim\.lr: expected float"),
-    ({"deterministic": "yes"}, r"deterministic: expected bool"),
-    ({"epochs": True}, r"epochs: expected int, got the boolean True"),
-    ({"data": {"tasks": "left"}}, r"data\.tasks: expected"),
-    ({"data": 3}, r"data: expected a mapping"),
-    ({"precision": "fp8"}, r"precision: 'fp8' is not one of"),
-    ({"epochs": 0}, r"epochs must be positive"),
-    ({"device": "tpu"}, r"device: 'tpu'"),
-])
+@pytest.mark.parametrize(
+    "values,pattern",
+    [
+        ({"epochs": "ten"}, r"epochs: expected int, got 'ten'"),
+        ({"epochs": 2.5}, r"epochs: expected int"),
+        ({"optim": {"lr": "fast"}}, r"optim\.lr: expected float"),
+        ({"deterministic": "yes"}, r"deterministic: expected bool"),
+        ({"epochs": True}, r"epochs: expected int, got the boolean True"),
+        ({"data": {"tasks": "left"}}, r"data\.tasks: expected"),
+        ({"data": 3}, r"data: expected a mapping"),
+        ({"precision": "fp8"}, r"precision: 'fp8' is not one of"),
+        ({"epochs": 0}, r"epochs must be positive"),
+        ({"device": "tpu"}, r"device: 'tpu'"),
+    ],
+)
 def test_wrong_values_are_errors(values, pattern):
     with pytest.raises(ConfigError, match=pattern):
         config_from_dict(values)

@@ -34,14 +34,21 @@ def _config(out: Path, method: str, balancer: str):
 
     # 1 epoch of 4 steps with a global batch of 64 (32 per process)
     return toy_config(
-        out, method=method, balancer=balancer, epochs=1,
-        data={"n_train": 256, "batch_size": 64}, optim={"scheduler": "none"},
+        out,
+        method=method,
+        balancer=balancer,
+        epochs=1,
+        data={"n_train": 256, "batch_size": 64},
+        optim={"scheduler": "none"},
     )
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
     sys.path.insert(0, str(Path(__file__).parent))
@@ -73,4 +80,6 @@ def test_two_processes_match_one(tmp_path):
                 assert torch.equal(value, ranks[0][name]), name
                 continue
             for got in ranks:
-                torch.testing.assert_close(got[name], value, atol=1e-5, rtol=1e-4, msg=f"{method}/{balancer} {name}")
+                torch.testing.assert_close(
+                    got[name], value, atol=1e-5, rtol=1e-4, msg=f"{method}/{balancer} {name}"
+                )

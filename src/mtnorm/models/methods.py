@@ -140,7 +140,9 @@ def _task_norm(kind: str) -> MethodBuilder:
         heads: dict[str, nn.Module],
         **convert_options: Any,
     ) -> nn.Module:
-        return convert(MultiTaskNet(backbone_factory("bn"), heads), tasks, norm=kind, **convert_options)
+        # only the shared encoder is converted: heads are per task already
+        encoder = convert(backbone_factory("bn"), tasks, norm=kind, **convert_options)
+        return MultiTaskNet(encoder, heads)
 
     return build
 

@@ -30,11 +30,20 @@ class SegNet(nn.Module):
         width: channels at full resolution; level ``k`` has ``width * 2**k``.
         levels: number of down/up-sampling stages (the input side must be divisible by 2**levels).
         norm: the kind handed to :func:`~mtnorm.models.factory.norm_layer`.
+        max_width: cap on the channels of deep levels (MTAN's SegNet: 64..512 over 5 levels).
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 16, levels: int = 3, norm: str = "bn") -> None:
+    def __init__(
+        self,
+        in_channels: int = 1,
+        width: int = 16,
+        levels: int = 3,
+        norm: str = "bn",
+        max_width: int | None = None,
+    ) -> None:
         super().__init__()
-        chans = [width * 2**k for k in range(levels)]
+        cap = max_width or width * 2 ** (levels - 1)
+        chans = [min(width * 2**k, cap) for k in range(levels)]
         self.stem = _conv(in_channels, chans[0], norm)
         self.down = nn.ModuleList(
             nn.Sequential(_conv(chans[max(k - 1, 0)], chans[k], norm), _conv(chans[k], chans[k], norm))

@@ -1,8 +1,9 @@
 """Benchmarks by name: data splits, task specs and the backbone/head builders for each.
 
-A :class:`Benchmark` bundles everything dataset-specific, so the trainer itself never mentions a
-dataset: ``load(cfg)`` gives the two splits, ``tasks``/``specs`` the tasks and how to score them,
-``backbone(norm)`` and ``heads()`` fresh modules for :func:`mtnorm.models.build_method`.
+A :class:`Benchmark` bundles everything dataset-specific, so the trainer never mentions a dataset:
+``load(cfg)`` gives the train and test splits, ``specs`` the tasks and how they are scored
+(:mod:`mtnorm.data.spec`), ``backbone(norm)`` and ``heads()`` fresh modules for
+:func:`mtnorm.models.build_method`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtnorm.data.spec import TaskSpec
+from mtnorm.data.spec import classification as classification_spec
+from mtnorm.models.deeplab import ASPPHead, BinaryHead, CelebACNN
 from mtnorm.models.lenet import LeNetEncoder, linear_heads
+from mtnorm.models.resnet import ResNet50
 from mtnorm.models.segnet import DenseHead, PooledHead, SegNet
-from mtnorm.models.toy import ToyEncoder
-from mtnorm.train import tasks as T
+from mtnorm.models.toy import ToyEncoder, make_toy
 from mtnorm.train.config import Config, ConfigError
 
 
@@ -28,7 +32,7 @@ class DataUnavailableError(RuntimeError):
 @dataclass
 class Split:
     """A dataset split. ``inputs``/``targets`` are whole-split tensors when the dataset exposes
-    them (fast path: batches are tensor slices); otherwise ``dataset`` is used with a DataLoader."""
+    them (fast path: batches are tensor slices); otherwise items come from ``dataset[i]``."""
 
     dataset: Any
     inputs: torch.Tensor | None = None
@@ -53,41 +57,65 @@ class Benchmark:
 
     name: str
     tasks: tuple[str, ...]
-    specs: dict[str, T.TaskSpec]
+    specs: dict[str, TaskSpec]
     load: Callable[[Config], tuple[Split, Split]]
     backbone: Callable[[str], nn.Module]
     heads: Callable[[], dict[str, nn.Module]]
 
 
-def _fashion_error(exc: Exception) -> DataUnavailableError:
-    return DataUnavailableError(
-        f"{exc} (install Debian's dataset-fashion-mnist with `make data`, or set MTNORM_FASHION_DIR "
-        "to a folder with the four Fashion-MNIST idx files)"
-    )
+def _select(
+    specs: dict[str, TaskSpec], wanted: list[str] | None, default: tuple[str, ...]
+) -> tuple[str, ...]:
+    tasks = tuple(wanted or default)
+    unknown = [t for t in tasks if t not in specs]
+    if unknown:
+        raise ConfigError(f"data.tasks: unknown tasks {unknown}; this benchmark has {list(specs)}")
+    return tasks
+
+
+def _sizes(cfg: Config) -> dict[str, Any]:
+    kw: dict[str, Any] = {"seed": cfg.data.seed, "root": cfg.data.root}
+    if cfg.data.n_train is not None:
+        kw["n_train"] = cfg.data.n_train
+    if cfg.data.n_test is not None:
+        kw["n_test"] = cfg.data.n_test
+    return kw
+
+
+def _open(name: str, make: Callable[[], Any]) -> Any:
+    """Build a dataset, turning a missing-file error into :class:`DataUnavailableError`."""
+    try:
+        return make()
+    except FileNotFoundError as e:
+        hint = ""
+        if name in ("multifashion", "scenes"):
+            hint = (
+                " (install Debian's dataset-fashion-mnist with `make data`, or set "
+                "MTNORM_FASHION_DIR to a folder with the four Fashion-MNIST idx files)"
+            )
+        raise DataUnavailableError(f"{name}: {' '.join(str(e).split())}{hint}") from None
+
+
+def _dense_heads(specs: dict[str, TaskSpec], tasks: tuple[str, ...], make: Callable) -> dict[str, nn.Module]:
+    return {t: make(specs[t].num_outputs, specs[t].kind == "normal") for t in tasks}
 
 
 def _multifashion(cfg: Config) -> Benchmark:
-    from mtnorm.data import MULTIFASHION_TASKS, MultiFashion
+    from mtnorm.data import MultiFashion
 
-    tasks = tuple(cfg.data.tasks or MULTIFASHION_TASKS)
+    specs = MultiFashion.task_specs()
+    tasks = _select(specs, cfg.data.tasks, MultiFashion.tasks)
     m = cfg.model
 
     def load(cfg: Config) -> tuple[Split, Split]:
-        kw: dict[str, Any] = {"seed": cfg.data.seed, "root": cfg.data.root}
-        if cfg.data.n_train is not None:
-            kw["n_train"] = cfg.data.n_train
-        if cfg.data.n_test is not None:
-            kw["n_test"] = cfg.data.n_test
-        try:
-            train, test = MultiFashion("train", **kw), MultiFashion("test", **kw)
-        except FileNotFoundError as e:
-            raise _fashion_error(e) from None
-        return as_split(train, tasks), as_split(test, tasks)
+        kw = _sizes(cfg)
+        splits = _open("multifashion", lambda: (MultiFashion("train", **kw), MultiFashion("test", **kw)))
+        return as_split(splits[0], tasks), as_split(splits[1], tasks)
 
     return Benchmark(
         "multifashion",
         tasks,
-        {t: T.classification(10) for t in tasks},
+        {t: specs[t] for t in tasks},
         load,
         lambda norm: LeNetEncoder(1, m.width, m.hidden, 36, norm),
         lambda: linear_heads(tasks, m.hidden, 10),
@@ -95,94 +123,131 @@ def _multifashion(cfg: Config) -> Benchmark:
 
 
 def _scenes(cfg: Config) -> Benchmark:
-    from mtnorm.data.scenes import ATTRIBUTE_TASKS, NUM_SEGMENT_CLASSES, FashionScenes
+    from mtnorm.data import FashionScenes
 
-    tasks = tuple(cfg.data.tasks or ("segment", "depth", "normal"))
-    dense = {
-        "segment": (T.segmentation(NUM_SEGMENT_CLASSES), NUM_SEGMENT_CLASSES, False),
-        "depth": (T.depth(), 1, False),
-        "normal": (T.normal(), 3, True),
-    }
-    unknown = [t for t in tasks if t not in dense and t not in ATTRIBUTE_TASKS]
-    if unknown:
-        raise ConfigError(f"data.tasks: unknown scenes tasks {unknown}")
+    specs = FashionScenes.task_specs()
+    tasks = _select(specs, cfg.data.tasks, FashionScenes.dense_tasks)
     m = cfg.model
 
     def load(cfg: Config) -> tuple[Split, Split]:
-        kw: dict[str, Any] = {"seed": cfg.data.seed, "root": cfg.data.root}
-        if cfg.data.n_train is not None:
-            kw["n_train"] = cfg.data.n_train
-        if cfg.data.n_test is not None:
-            kw["n_test"] = cfg.data.n_test
-        try:
-            train, test = FashionScenes("train", **kw), FashionScenes("test", **kw)
-        except FileNotFoundError as e:
-            raise _fashion_error(e) from None
-        return as_split(train, tasks), as_split(test, tasks)
+        kw = _sizes(cfg)
+        splits = _open("scenes", lambda: (FashionScenes("train", **kw), FashionScenes("test", **kw)))
+        return as_split(splits[0], tasks), as_split(splits[1], tasks)
 
     def heads() -> dict[str, nn.Module]:
         return {
-            t: DenseHead(m.width, dense[t][1], dense[t][2]) if t in dense else PooledHead(m.width)
+            t: PooledHead(m.width)
+            if specs[t].kind == "binary"
+            else DenseHead(m.width, specs[t].num_outputs, specs[t].kind == "normal")
             for t in tasks
         }
 
-    specs = {t: dense[t][0] if t in dense else T.binary() for t in tasks}
     return Benchmark(
-        "scenes", tasks, specs, load, lambda norm: SegNet(1, m.width, m.levels, norm), heads
+        "scenes",
+        tasks,
+        {t: specs[t] for t in tasks},
+        load,
+        lambda norm: SegNet(1, m.width, m.levels, norm),
+        heads,
     )
 
 
 def _toy(cfg: Config) -> Benchmark:
-    """A tiny synthetic benchmark (seconds to train) for smoke tests and examples."""
-    from mtnorm.models.toy import make_toy
-
+    """A tiny synthetic benchmark (a second to train) for smoke tests and examples."""
     tasks = tuple(cfg.data.tasks or ("a", "b"))
     m = cfg.model
 
     def load(cfg: Config) -> tuple[Split, Split]:
         train = make_toy(cfg.data.n_train or 256, tasks, seed=cfg.data.seed, split=0)
         test = make_toy(cfg.data.n_test or 128, tasks, seed=cfg.data.seed, split=1)
-        return train_split(train, tasks), train_split(test, tasks)
-
-    def train_split(data: tuple[torch.Tensor, dict[str, torch.Tensor]], tasks: tuple[str, ...]) -> Split:
-        return Split(None, data[0], data[1])
+        return Split(None, *train), Split(None, *test)
 
     return Benchmark(
         "toy",
         tasks,
-        {t: T.classification(3) for t in tasks},
+        {t: classification_spec(3) for t in tasks},
         load,
         lambda norm: ToyEncoder(8, m.hidden, norm),
         lambda: linear_heads(tasks, m.hidden, 3),
     )
 
 
-def _external(name: str, loader: str) -> Callable[[Config], Benchmark]:
-    """Benchmarks whose loaders live in ``mtnorm.data`` and need user-provided files."""
+def _dense_backbone(cfg: Config) -> tuple[Callable[[str], nn.Module], Callable[[int, bool], nn.Module]]:
+    """SegNet (MTAN protocol, from scratch) or DeepLabV3-ResNet50 (LibMTL protocol)."""
+    m = cfg.model
+    if m.backbone in ("segnet", "default"):
+        return (
+            lambda norm: SegNet(3, m.width, m.levels, norm, max_width=m.max_width),
+            lambda out, unit: DenseHead(m.width, out, unit),
+        )
+    if m.backbone == "resnet50":
+        return lambda norm: ResNet50(3, norm), lambda out, unit: ASPPHead(2048, out, normalize=unit)
+    raise ConfigError(
+        f"model.backbone: {m.backbone!r} is not available for dense tasks; use segnet or resnet50"
+    )
 
+
+def _dense(name: str) -> Callable[[Config], Benchmark]:
     def make(cfg: Config) -> Benchmark:
         import mtnorm.data as data
 
-        factory = getattr(data, "build_benchmark", None)
-        if factory is None or not hasattr(data, loader):
-            raise DataUnavailableError(
-                f"benchmark {name!r}: this installation has no {loader} loader in mtnorm.data"
-            )
-        try:
-            return factory(name, cfg)
-        except FileNotFoundError as e:
-            raise DataUnavailableError(f"benchmark {name!r}: {e}") from None
+        cls = {"nyuv2": data.NYUv2, "cityscapes": data.Cityscapes}[name]
+        specs = cls.task_specs()
+        tasks = _select(specs, cfg.data.tasks, tuple(specs))
+        backbone, head = _dense_backbone(cfg)
+
+        def load(cfg: Config) -> tuple[Split, Split]:
+            root = _require_root(name, cfg)
+            train, test = _open(name, lambda: (cls(root, "train"), cls(root, "test")))
+            return as_split(train, tasks), as_split(test, tasks)
+
+        return Benchmark(
+            name,
+            tasks,
+            {t: specs[t] for t in tasks},
+            load,
+            backbone,
+            lambda: _dense_heads(specs, tasks, head),
+        )
 
     return make
+
+
+def _celeba(cfg: Config) -> Benchmark:
+    from mtnorm.data import CelebA
+
+    root = _require_root("celeba", cfg)
+    train = _open("celeba", lambda: CelebA(root, "train"))
+    specs = train.task_specs()
+    tasks = _select(specs, cfg.data.tasks, tuple(specs))
+    m = cfg.model
+
+    def load(cfg: Config) -> tuple[Split, Split]:
+        return as_split(train, tasks), as_split(_open("celeba", lambda: CelebA(root, "test")), tasks)
+
+    return Benchmark(
+        "celeba",
+        tasks,
+        {t: specs[t] for t in tasks},
+        load,
+        lambda norm: CelebACNN(3, (m.width, 2 * m.width, 4 * m.width, 8 * m.width), norm),
+        lambda: {t: BinaryHead(8 * m.width) for t in tasks},
+    )
+
+
+def _require_root(name: str, cfg: Config) -> str:
+    if not cfg.data.root:
+        raise DataUnavailableError(f"{name}: set data.root to the dataset folder (it is not bundled)")
+    return cfg.data.root
 
 
 BENCHMARKS: dict[str, Callable[[Config], Benchmark]] = {
     "multifashion": _multifashion,
     "scenes": _scenes,
     "toy": _toy,
-    "nyuv2": _external("nyuv2", "NYUv2"),
-    "cityscapes": _external("cityscapes", "Cityscapes"),
-    "celeba": _external("celeba", "CelebA"),
+    "nyuv2": _dense("nyuv2"),
+    "cityscapes": _dense("cityscapes"),
+    "celeba": _celeba,
 }
 
 

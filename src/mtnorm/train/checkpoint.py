@@ -65,12 +65,16 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def seed_everything(seed: int, deterministic: bool = True) -> None:
-    """Seed torch, numpy and python; optionally ask torch for deterministic kernels."""
+def seed_everything(seed: int, deterministic: bool = True, device: torch.device | None = None) -> None:
+    """Seed torch, numpy and python; on CUDA optionally ask for deterministic kernels.
+
+    CPU kernels are already deterministic for a fixed thread count, so the process-wide
+    ``torch.use_deterministic_algorithms`` switch is only flipped for CUDA runs.
+    """
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-    if deterministic:
-        # warn_only: some CUDA kernels have no deterministic version; CPU runs are unaffected
+    if deterministic and device is not None and device.type == "cuda":
+        # warn_only: some CUDA kernels have no deterministic version
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False

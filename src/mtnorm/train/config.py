@@ -41,9 +41,11 @@ class DataConfig:
 class ModelConfig:
     """Backbone size; which fields matter depends on the benchmark's backbone."""
 
+    backbone: str = "default"  # the benchmark's own; dense benchmarks: segnet | resnet50
     width: int = 16
     hidden: int = 128
     levels: int = 3
+    max_width: int | None = None
     checkpoint: str | None = None  # user-provided pretrained backbone weights (never downloaded)
 
 
@@ -92,6 +94,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "forward_mode": ("auto", "sequential", "batched"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "step", "cosine"),
+    "model.backbone": ("default", "segnet", "resnet50"),
 }
 
 

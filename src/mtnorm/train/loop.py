@@ -8,9 +8,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtnorm.data.spec import TaskSpec
 from mtnorm.norm import forward_tasks
 from mtnorm.train.benchmarks import Split
-from mtnorm.train.tasks import TaskSpec
+from mtnorm.train.losses import LossFn
 
 Batch = tuple[torch.Tensor, dict[str, torch.Tensor]]
 
@@ -52,10 +53,10 @@ def train_batches(
 
 
 def task_losses(
-    outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], specs: Mapping[str, TaskSpec]
+    outputs: Mapping[str, torch.Tensor], targets: Mapping[str, torch.Tensor], losses: Mapping[str, LossFn]
 ) -> dict[str, torch.Tensor]:
     """``{task: scalar loss}``, computed in fp32 whatever precision produced the outputs."""
-    return {t: specs[t].loss(outputs[t].float(), targets[t]) for t in specs}
+    return {t: fn(outputs[t].float(), targets[t]) for t, fn in losses.items()}
 
 
 @torch.no_grad()
@@ -63,6 +64,7 @@ def evaluate(
     model: nn.Module,
     split: Split,
     specs: Mapping[str, TaskSpec],
+    losses: Mapping[str, LossFn],
     batch_size: int,
     device: torch.device,
     autocast: Callable[[], Any],
@@ -79,7 +81,7 @@ def evaluate(
             x, y = take(split, torch.arange(start, min(start + batch_size, n)), device)
             with autocast():
                 out = forward_tasks(model, x, mode=forward_mode)
-            for t, loss in task_losses(out, y, specs).items():
+            for t, loss in task_losses(out, y, losses).items():
                 loss_sums[t] += float(loss) * x.shape[0]
                 accs[t].update(out[t].float(), y[t])
     finally:

@@ -34,6 +34,7 @@ from mtnorm.train.benchmarks import Benchmark, get_benchmark
 from mtnorm.train.config import Config, ConfigError, to_dict
 from mtnorm.train.gradients import GradientTransform, scale_grad
 from mtnorm.train.loop import evaluate, num_batches, take, task_losses, train_batches
+from mtnorm.train.losses import loss_for
 from mtnorm.train.report import MetricsLogger, flatten
 
 Callback = Callable[["Trainer"], None]
@@ -128,11 +129,12 @@ class Trainer:
         self._log = log or (lambda _msg: None)
         self.device = resolve_device(cfg.device)
         self.world = ddp.init_from_env(self.device)
-        ckpt.seed_everything(cfg.seed, cfg.deterministic)
+        ckpt.seed_everything(cfg.seed, cfg.deterministic, self.device)
 
         self.bench: Benchmark = get_benchmark(cfg)
         self.tasks = self.bench.tasks
         self.specs = self.bench.specs
+        self.losses = {t: loss_for(spec) for t, spec in self.specs.items()}
         self.train_split, self.test_split = self.bench.load(cfg)
         self.lower_is_better = metrics.lower_is_better_names([s.metric() for s in self.specs.values()])
 
@@ -145,7 +147,9 @@ class Trainer:
 
         # STL shares nothing, so there is nothing to balance: its tasks just add up
         use_balancer = cfg.balancer != "ew" and cfg.method != "stl"
-        self.balancer = make_balancer(cfg.balancer, self.tasks, cfg.balancer_kwargs, cfg.seed) if use_balancer else None
+        self.balancer = (
+            make_balancer(cfg.balancer, self.tasks, cfg.balancer_kwargs, cfg.seed) if use_balancer else None
+        )
         if self.balancer is not None:
             self.balancer.to(self.device)
         self.shared = shared_parameters(self.model)
@@ -187,7 +191,10 @@ class Trainer:
         o = self.cfg.optim
         alpha = o.norm_lr_mult if o.norm_lr_mult is not None else default_norm_lr_mult(self.cfg.method)
         groups = param_groups(
-            self.model, o.lr, norm_lr_mult=alpha, layernorm_lr_mult=o.layernorm_lr_mult,
+            self.model,
+            o.lr,
+            norm_lr_mult=alpha,
+            layernorm_lr_mult=o.layernorm_lr_mult,
             weight_decay=o.weight_decay,
         )
         if self.balancer is not None:
@@ -272,7 +279,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, cfg.precision):
             out = forward_tasks(self.model, x, mode=cfg.forward_mode)
-        losses = task_losses(out, y, self.specs)
+        losses = task_losses(out, y, self.losses)
         if self.world.distributed:
             losses = self._global_losses(losses)
         values = {t: float(l.detach()) for t, l in losses.items()}
@@ -310,12 +317,19 @@ class Trainer:
 
     def _evaluate(self) -> dict[str, dict[str, float]]:
         results, losses = evaluate(
-            self.model, self.test_split, self.specs, self.cfg.data.eval_batch_size, self.device,
-            lambda: autocast(self.device, self.cfg.precision), self.cfg.forward_mode,
+            self.model,
+            self.test_split,
+            self.specs,
+            self.losses,
+            self.cfg.data.eval_batch_size,
+            self.device,
+            lambda: autocast(self.device, self.cfg.precision),
+            self.cfg.forward_mode,
         )
         if self.logger is not None:
             self.logger.log(
-                "eval", self.global_step,
+                "eval",
+                self.global_step,
                 {"epoch": self.epoch, **flatten(results), **{f"loss/{t}": v for t, v in losses.items()}},
             )
         return results
@@ -334,8 +348,11 @@ class Trainer:
 
         enabled = self.cfg.progress if self.cfg.progress is not None else sys.stderr.isatty()
         return tqdm(
-            total=total, initial=initial, disable=not enabled or not self.world.is_main,
-            desc=f"{self.cfg.method} epoch {self.epoch + 1}/{self.cfg.epochs}", leave=False,
+            total=total,
+            initial=initial,
+            disable=not enabled or not self.world.is_main,
+            desc=f"{self.cfg.method} epoch {self.epoch + 1}/{self.cfg.epochs}",
+            leave=False,
         )
 
     def fit(self, resume: bool | str | Path = False) -> RunResult:
@@ -376,8 +393,14 @@ class Trainer:
         if self.logger is not None:
             self.logger.close()
         return RunResult(
-            status, self.epoch, self.global_step, self.last_metrics, self.parameters,
-            time.perf_counter() - start, self.out, path,
+            status,
+            self.epoch,
+            self.global_step,
+            self.last_metrics,
+            self.parameters,
+            time.perf_counter() - start,
+            self.out,
+            path,
         )
 
     def _run_epoch(self, batches: int) -> None:
