@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 
-def chunk_view(x: torch.Tensor, chunks: int, num_features: int) -> torch.Tensor:
-    """View ``x`` of shape ``[K*B, C, *S]`` as ``[K, B, C, L]`` (a copy only if non-contiguous)."""
+def check_chunks(x: torch.Tensor, chunks: int, num_features: int) -> int:
+    """Check that ``x`` is ``[K*B, C, ...]`` with ``K = chunks``, ``C = num_features``; returns B."""
     if x.dim() < 2:
         raise ValueError(f"expected an input of shape [N, C, ...], got shape {tuple(x.shape)}")
     if x.shape[1] != num_features:
@@ -24,7 +24,12 @@ def chunk_view(x: torch.Tensor, chunks: int, num_features: int) -> torch.Tensor:
             f"a batched multi-task pass needs a batch divisible by the {chunks} tasks, "
             f"got batch size {x.shape[0]}"
         )
-    return x.reshape(chunks, x.shape[0] // chunks, num_features, -1)
+    return x.shape[0] // chunks
+
+
+def chunk_view(x: torch.Tensor, chunks: int, num_features: int) -> torch.Tensor:
+    """View ``x`` of shape ``[K*B, C, *S]`` as ``[K, B, C, L]`` (a copy only if non-contiguous)."""
+    return x.reshape(chunks, check_chunks(x, chunks, num_features), num_features, -1)
 
 
 def chunk_moments(xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,3 +169,111 @@ def chunk_batch_norm(
     """
     y, _, mean, var, _ = _ChunkBatchNorm.apply(xs, weight, bias, eps)
     return y, var, mean
+
+
+class _NativeChunks(torch.autograd.Function):
+    """T native batch-norm kernels, one per contiguous chunk, writing into one output tensor.
+
+    Forward runs ``aten.native_batch_norm.out`` on chunk t with task t's affine row and running
+    buffers (updated in place, in task order, as T sequential passes update them); backward runs
+    ``aten.native_batch_norm_backward.out`` per chunk into one input-gradient tensor and one
+    ``[K, C]`` gradient per affine parameter. Compared with ``torch.cat`` of T ``F.batch_norm``
+    calls this saves a copy of the output and one of the input gradient; compared with one
+    reduction over ``[K, B, C, L]`` it keeps the native kernels' single passes and their rounding.
+    Not twice differentiable.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running, momenta, training, eps, chunks):  # type: ignore[override]
+        y = torch.empty_like(x)
+        xs, ys = x.split(chunks), y.split(chunks)
+        stats = []
+        for t, (xc, yc) in enumerate(zip(xs, ys)):
+            rm, rv = running[t]
+            save_mean, save_invstd = x.new_empty(0), x.new_empty(0)
+            torch.ops.aten.native_batch_norm.out(
+                xc,
+                None if weight is None else weight[t],
+                None if bias is None else bias[t],
+                rm,
+                rv,
+                training,
+                momenta[t],
+                eps,
+                out=yc,
+                save_mean=save_mean,
+                save_invstd=save_invstd,
+            )
+            stats += [save_mean, save_invstd]
+        ctx.training, ctx.eps, ctx.chunks = training, eps, chunks
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        # eval mode normalizes with the running statistics, which backward reads again
+        saved_running = [] if training else [r for pair in running for r in pair]
+        ctx.num_running = len(saved_running)
+        ctx.save_for_backward(x, weight, *stats, *saved_running)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y):  # type: ignore[override]
+        x, weight, *rest = ctx.saved_tensors
+        k = x.shape[0] // ctx.chunks
+        stats, running = rest[: 2 * k], rest[2 * k :]
+        grad_y = grad_y.contiguous(memory_format=_memory_format(x))
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        if not (need_x or need_w or need_b):
+            return (None,) * 8
+        # the out= overload wants every output defined, so all three are computed (the parameter
+        # gradients are [K, C] by-products of the input gradient's reductions)
+        grad_x = torch.empty_like(x)
+        grad_w = x.new_empty(k, x.shape[1])
+        grad_b = x.new_empty(k, x.shape[1])
+        gys, xs, gxs = grad_y.split(ctx.chunks), x.split(ctx.chunks), grad_x.split(ctx.chunks)
+        for t in range(k):
+            rm, rv = (None, None) if ctx.training else (running[2 * t], running[2 * t + 1])
+            torch.ops.aten.native_batch_norm_backward.out(
+                gys[t],
+                xs[t],
+                None if weight is None else weight[t],
+                rm,
+                rv,
+                stats[2 * t],
+                stats[2 * t + 1],
+                ctx.training,
+                ctx.eps,
+                [True, True, True],
+                out0=gxs[t],
+                out1=grad_w[t],
+                out2=grad_b[t],
+            )
+        return (
+            grad_x if need_x else None,
+            grad_w if need_w and ctx.has_weight else None,
+            grad_b if need_b and ctx.has_bias else None,
+            None, None, None, None, None,
+        )
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def native_chunks_batch_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    running: list[tuple[torch.Tensor | None, torch.Tensor | None]],
+    momenta: list[float],
+    training: bool,
+    eps: float,
+) -> torch.Tensor:
+    """Batch-normalize the K equal chunks of ``x = [K*B, C, *S]`` along dim 0, chunk t with row t
+    of ``weight``/``bias`` ``[K, C]``, running buffers ``running[t]`` (1-D views, or None) and
+    ``momenta[t]``; exactly K native ``F.batch_norm`` calls, in one autograd node."""
+    k = len(running)
+    x = x.contiguous(memory_format=_memory_format(x))
+    return _NativeChunks.apply(x, weight, bias, running, momenta, training, eps, x.shape[0] // k)

@@ -174,6 +174,9 @@ class _TaskBatchNormBase(TaskNorm):
         return scale, shift
 
     def _forward_chunks(self, x: torch.Tensor, route: int) -> torch.Tensor:
+        if route == BATCHED and self._native_single_task:
+            return self._forward_native_chunks(x)
+        # the path of the sync and adaptive subclasses (statistics over [K, B, C, L] in one reduction)
         chunks = self.num_tasks if route == BATCHED else 1
         xs = _stats.chunk_view(x, chunks, self.num_features)
         weight, bias = self._params_for(route)
@@ -185,6 +188,36 @@ class _TaskBatchNormBase(TaskNorm):
         var, mean = self._moments(xs, route)
         scale, shift = _stats.normalizing_affine(mean, var, self.eps, weight, bias)
         return _stats.affine_apply(xs, scale, shift).view(x.shape)
+
+    def _forward_native_chunks(self, x: torch.Tensor) -> torch.Tensor:
+        """A batched pass as T native batch-norm kernels on the T contiguous chunks of ``x``.
+
+        Each chunk runs exactly the kernel of its task's sequential pass (``F.batch_norm``), so
+        outputs, gradients and running-statistic updates (task order, ``momentum=None``,
+        ``share_stats``) are those of T sequential passes by construction, in one autograd node
+        (:func:`_stats.native_chunks_batch_norm`). Measured faster than one reduction over
+        ``[T, B, C, L]`` with a closed-form backward, which needs several more passes over the
+        activations than the native kernels (``benchmarks/bench_norm.py``, docs/benchmarks.md).
+        """
+        _stats.check_chunks(x, self.num_tasks, self.num_features)
+        batch_stats = self._uses_batch_stats()
+        running, momenta = [], []
+        for task in range(self.num_tasks):
+            row = 0 if self.share_stats else task
+            momentum = 0.0 if self.momentum is None else self.momentum
+            if self.training and self.track_running_stats:
+                self.num_batches_tracked[row].add_(1)
+                if self.momentum is None:
+                    momentum = 1.0 / float(self.num_batches_tracked[row])
+            momenta.append(momentum)
+            running.append(
+                (None, None)
+                if self.running_mean is None
+                else (self.running_mean[row], self.running_var[row])
+            )
+        return _stats.native_chunks_batch_norm(
+            x, self.scale(), self.shift(), running, momenta, batch_stats, self.eps
+        )
 
     def _forward_native(self, x: torch.Tensor, task: int) -> torch.Tensor:
         row = 0 if self.share_stats else task
