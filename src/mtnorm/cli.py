@@ -255,7 +255,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except expected as e:
         message = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
-        print(f"mtnorm: error: {' '.join(message.split())}", file=sys.stderr)
+        first, _, details = message.strip().partition("\n")
+        print(f"mtnorm: error: {first}", file=sys.stderr)
+        if details:  # e.g. the expected folder layout of a dataset
+            print(details, file=sys.stderr)
         return EXIT_USAGE
 
 

@@ -127,15 +127,16 @@ class Trainer:
         self.cfg = cfg
         self.callbacks = list(callbacks)
         self._log = log or (lambda _msg: None)
-        self.device = resolve_device(cfg.device)
-        self.world = ddp.init_from_env(self.device)
-        ckpt.seed_everything(cfg.seed, cfg.deterministic, self.device)
-
+        # data first: a missing dataset is the most likely problem and deserves the first word
         self.bench: Benchmark = get_benchmark(cfg)
         self.tasks = self.bench.tasks
         self.specs = self.bench.specs
         self.losses = {t: loss_for(spec) for t, spec in self.specs.items()}
         self.train_split, self.test_split = self.bench.load(cfg)
+
+        self.device = resolve_device(cfg.device)
+        self.world = ddp.init_from_env(self.device)
+        ckpt.seed_everything(cfg.seed, cfg.deterministic, self.device)
         self.lower_is_better = metrics.lower_is_better_names([s.metric() for s in self.specs.values()])
 
         self.model = build_method(
