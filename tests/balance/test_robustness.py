@@ -29,7 +29,7 @@ def test_non_finite_loss_names_task_and_step_and_writes_nothing(name, bad):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.parametrize("name", ["ew", "uw", "db_mtl", "upgrad"])
+@pytest.mark.parametrize("name", ["ew", "uw", "dwa", "db_mtl", "upgrad"])
 def test_non_finite_gradient_with_finite_loss(name):
     model, losses = model_and_losses()
     # sqrt at 0: the loss is finite (0) but its gradient is infinite.
@@ -37,7 +37,8 @@ def test_non_finite_gradient_with_finite_loss(name):
     b = make(name)
     with pytest.raises(balance.NonFiniteError, match=r"task 'c' at step 0"):
         b.backward(losses, model.encoder.parameters())
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in [*model.parameters(), *b.parameters()])
+    assert b.step == 0
     assert isinstance(balance.NonFiniteError("x"), (FloatingPointError, ValueError))
 
 

@@ -169,8 +169,15 @@ class Balancer(nn.Module):
         mode = _grads.resolve_mode(grad_mode, rep, cheap=not self.requires_grads and not diagnostics)
 
         if mode == "weighted":
+            # The weights come first (they may advance state and learned-weight gradients); a
+            # non-finite gradient found afterwards rolls both back.
+            snapshot = self._snapshot()
             weights = self.loss_weights(values)
-            self._weighted_backward(loss_list, weights)
+            try:
+                self._weighted_backward(loss_list, weights)
+            except NonFiniteError:
+                self._restore(snapshot)
+                raise
             result = Diagnostics(names, self.step, weights.detach(), weights.detach())
         else:
             task_grads = _grads.task_gradients(loss_list, shared, mode, rep=rep)
@@ -284,6 +291,16 @@ class Balancer(nn.Module):
                 self._raise_nonfinite("gradient", [task])
 
     # ---------------------------------------------------------------- state
+    def _snapshot(self) -> tuple[dict[str, Any], list[Tensor | None]]:
+        grads = [None if p.grad is None else p.grad.clone() for p in self.parameters()]
+        return self.state_dict(keep_vars=True), grads
+
+    def _restore(self, snapshot: tuple[dict[str, Any], list[Tensor | None]]) -> None:
+        state, grads = snapshot
+        self.load_state_dict(state)
+        for p, g in zip(self.parameters(), grads):
+            p.grad = g
+
     def get_extra_state(self) -> dict[str, Any]:
         state = {name: _to_saveable(getattr(self, name)) for name in self._state}
         return {"step": self.step, "tasks": self.tasks, **state}
