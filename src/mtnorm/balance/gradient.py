@@ -57,7 +57,8 @@ class MGDA(GramMethod):
         if self.normalize in ("loss", "loss+"):
             scale = scale / losses.clamp_min(_EPS)
         k = gram(grads) * np.outer(scale.cpu().double(), scale.cpu().double())
-        a = torch.as_tensor(solvers.min_norm_simplex(k), dtype=grads.dtype) * scale
+        a = torch.as_tensor(solvers.min_norm_simplex(k), dtype=grads.dtype, device=grads.device)
+        a = a * scale
         return Combination(a @ grads, a, torch.ones_like(losses))
 
 
