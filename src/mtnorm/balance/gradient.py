@@ -162,7 +162,8 @@ class AlignedMTL(GramMethod):
     def coefficients(self, gram: np.ndarray) -> np.ndarray:
         eigvals, eigvecs = np.linalg.eigh((gram + gram.T) / 2)
         t = len(gram)
-        keep = eigvals > max(eigvals.max(), 0.0) * 1e-10 * t
+        # The rank cut of the paper's code: eigenvalues within float32 noise of zero are dropped.
+        keep = eigvals > max(eigvals.max(), 0.0) * t * np.finfo(np.float32).eps
         if not keep.any():
             return np.ones(t)
         lam, vecs = eigvals[keep], eigvecs[:, keep]
