@@ -98,7 +98,8 @@ class MaxNorm(Balancer):
             )
         self.k += 1
         beta_k = self.beta / self.k**self.sigma
-        self.ema = beta_k * self.ema + (1.0 - beta_k) * (w[:, None] * grads)
+        # In place: the EMA is as large as G, one pass over it instead of three temporaries.
+        self.ema.mul_(beta_k).addcmul_(grads, ((1.0 - beta_k) * w)[:, None])
         norms = self.ema.norm(dim=1)
         factors = norms.max() / (norms + self.eps)
         return Combination(factors @ self.ema, factors, w)
