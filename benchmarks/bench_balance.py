@@ -225,6 +225,14 @@ def main() -> None:
             ts = columns[("TSσBN", t)]
             row.append(f"{ts[name] / ts['ew']:.2f}x" if name in ts else "-")
         print("| " + " | ".join(row) + " |")
+    for name in (n for n in names if ":" in n):  # external libraries against our version
+        ours = name.split(":")[1]
+        ratios = [
+            f"{kind} T={t}: {col[name] / col[ours]:.2f}x"
+            for (kind, t), col in columns.items()
+            if name in col and ours in col
+        ]
+        print(f"\n{name} / mtnorm {ours}: " + ", ".join(ratios))
 
 
 if __name__ == "__main__":
