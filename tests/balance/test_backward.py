@@ -195,3 +195,32 @@ def test_rep_mode_frees_each_head_graph_and_backpropagates_the_encoder_once() ->
     losses = task_losses(model(x), y)
     balance.get("db_mtl").backward(losses, list(model.encoder.parameters()), rep=model.features)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "scale"),
+    [
+        ({"name": "pcgrad", "log_losses": True}, lambda l: 1 / (l + 1e-8)),
+        ({"name": "ew", "max_norm": True}, torch.ones_like),
+        ({"name": "log", "max_norm": {"beta": 0.5}}, lambda l: 1 / (l + 1e-8)),
+    ],
+)
+def test_compositions_through_backward(kwargs, scale) -> None:
+    torch.manual_seed(0)
+    model = HardSharing().double()
+    shared = list(model.encoder.parameters())
+    b = make(**kwargs)
+    ref = copy.deepcopy(b)
+    for step in range(2):
+        model.zero_grad(set_to_none=True)
+        x, y = data(step)
+        losses = task_losses(model(x), y)
+        g, _ = per_task(losses, shared)
+        l = torch.stack(list(losses.values())).detach()
+        head = [per_task({t: losses[t]}, list(model.heads.heads[t].parameters()))[1][0] for t in TASKS3]
+        d = ref.aggregate(g, l)
+        b.backward(losses, shared)
+        torch.testing.assert_close(flat_grad(shared), d)
+        for t, task in enumerate(TASKS3):
+            for p, g_ref in zip(model.heads.heads[task].parameters(), head[t]):
+                torch.testing.assert_close(p.grad, scale(l)[t] * g_ref)
