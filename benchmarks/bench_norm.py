@@ -1,14 +1,17 @@
 """Benchmark of the task-specific norm layers and of the ``forward_tasks`` execution modes.
 
-Run (about 2-3 minutes on 2 CPU cores)::
+Run (about 3-4 minutes of CPU)::
 
     .venv/bin/python benchmarks/bench_norm.py            # full run, prints Markdown tables
     .venv/bin/python benchmarks/bench_norm.py --quick    # smoke run, a few seconds
+    .venv/bin/python benchmarks/bench_norm.py --clock wall --threads 2   # wall time, both cores
 
-Every table times forward + backward. The variants of one row are measured side by side in one
-process: each repeat runs every variant once, in a rotating order, after warm-up runs, and the
-table reports the median over repeats in milliseconds together with the ratios the targets of
-issue 2 are stated in:
+By default the clock is the process's CPU time with one intra-op thread, which other jobs on a
+shared machine barely disturb (wall time on 2 threads varied by factors of 3-5 between repeats
+while other jobs ran). Every table times forward + backward. The variants of one row are
+measured side by side in one process: each repeat runs every variant once, in a rotating order,
+after warm-up runs, and the table reports the median over repeats in milliseconds together with
+the ratios the targets of issue 2 are stated in:
 
 * (a) one task-specific norm layer in a batched pass (T task chunks of B samples in one call) vs
   one ``nn.BatchNorm2d`` call on the same ``[T*B, C, H, W]`` tensor; target: within 1.5x.
@@ -40,7 +43,10 @@ AUTO_SPEEDUP = 1.5  # naive loop / auto at T=40, B=8
 
 
 def measure(
-    variants: dict[str, Callable[[], None]], warmup: int, reps: int
+    variants: dict[str, Callable[[], None]],
+    warmup: int,
+    reps: int,
+    clock: Callable[[], float] = time.process_time,
 ) -> dict[str, float]:
     """Median and minimum (key ``"<name> min"``) wall time in ms of each variant.
 
@@ -55,9 +61,9 @@ def measure(
     for r in range(reps):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
-            start = time.perf_counter()
+            start = clock()
             variants[name]()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
     return {name: 1e3 * statistics.median(ts) for name, ts in times.items()} | {
         f"{name} min": 1e3 * min(ts) for name, ts in times.items()
     }
@@ -77,7 +83,9 @@ def _step(
 
 
 # -- (a) one norm layer ------------------------------------------------------------------------------
-def bench_layers(configs: list[tuple[int, int]], c: int, hw: int, warmup: int, reps: int) -> list[dict]:
+def bench_layers(
+    configs: list[tuple[int, int]], c: int, hw: int, warmup: int, reps: int, clock: Callable[[], float]
+) -> list[dict]:
     rows = []
     for t, b in configs:
         torch.manual_seed(0)
@@ -93,7 +101,7 @@ def bench_layers(configs: list[tuple[int, int]], c: int, hw: int, warmup: int, r
             name: _step(lambda m=layer, x=x: m(x), [x, *layer.parameters()], g)
             for name, layer in (("native", native), ("TSBN", tsbn), ("TSσBN", tssbn))
         }
-        ms = measure(variants, warmup, reps)
+        ms = measure(variants, warmup, reps, clock)
         rows.append({"T": t, "B": b, **ms})
     return rows
 
@@ -130,7 +138,9 @@ class TinyResNet(nn.Module):
         return self.head(self.blocks(self.stem(x)).mean(dim=(2, 3)))
 
 
-def bench_models(configs: list[tuple[int, int]], warmup: int, reps: int) -> list[dict]:
+def bench_models(
+    configs: list[tuple[int, int]], warmup: int, reps: int, clock: Callable[[], float]
+) -> list[dict]:
     rows = []
     for t, b in configs:
         torch.manual_seed(0)
@@ -159,7 +169,7 @@ def bench_models(configs: list[tuple[int, int]], warmup: int, reps: int) -> list
             "plain": _step(lambda m=plain, xt=xt: m(xt).sum(), pparams),
         }
         big = t * b >= 640  # one repeat of the five variants takes several seconds
-        ms = measure(variants, 1 if big else warmup, max(3, reps - 2) if big else reps)
+        ms = measure(variants, 1 if big else warmup, max(3, reps - 2) if big else reps, clock)
         rows.append({"T": t, "B": b, "chosen": mtnorm.choose_mode(conv, x, t), **ms})
     return rows
 
@@ -208,11 +218,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (not for numbers)")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per variant")
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument(
+        "--clock",
+        choices=["cpu", "wall"],
+        default="cpu",
+        help="cpu: process CPU time, robust to other jobs on a shared machine; wall: perf_counter",
+    )
     parser.add_argument("--only", choices=["layers", "models"], default=None)
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     task_counts = [2, 3, 10, 40]
     if args.quick:
@@ -227,19 +243,19 @@ def main() -> None:
 
     print(
         f"# mtnorm norm benchmark\n\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{platform.processor() or platform.machine()}; forward+backward, median of "
+        f"{platform.processor() or platform.machine()}; forward+backward, {args.clock} time, median of "
         f"{layer_reps} (layers) / {model_reps} (models; 3 for T·B >= 640) interleaved repeats after "
         f"{warmup} warm-up; the last column gives the ratios of the fastest repeats.\n"
     )
     layers_met = auto_met = auto_fast = None
     if args.only in (None, "layers"):
         c, hw = layer_shape
-        rows = bench_layers(layer_cfg, c, hw, warmup, layer_reps)
+        rows = bench_layers(layer_cfg, c, hw, warmup, layer_reps, clock)
         table, layers_met = layer_table(rows)
         print(f"## (a) one norm layer, batched pass vs BatchNorm2d (C={c}, {hw}x{hw}, train mode)\n")
         print(table + "\n", flush=True)
     if args.only in (None, "models"):
-        rows = bench_models(model_cfg, warmup, model_reps)
+        rows = bench_models(model_cfg, warmup, model_reps, clock)
         table, auto_met, auto_fast = model_table(rows)
         print("## (b) converted TinyResNet (TSσBN), forward_tasks modes (input 32x32)\n")
         print(table + "\n", flush=True)
