@@ -247,3 +247,17 @@ def test_max_norm_after_a_loss_weighting():
     n = h.norm(dim=1)
     expected = (n.max() / (n + 1e-8)) @ h
     assert_close(balance.get("log", max_norm=True).aggregate(g, l), expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mgda_min_norm_optimality(seed):
+    # The min-norm point d of the convex hull satisfies g_t . d >= ||d||^2 for every t, with
+    # equality on the tasks it uses; any other hull point is at least as long.
+    g = matrix("full", t=5, p=4, seed=seed)  # T > P: the hull may contain the origin
+    b = balance.get("mgda")
+    a = b.combine(g, make_losses(5)).weights
+    d = a @ g
+    assert (g @ d >= d @ d - 1e-9).all()
+    torch.testing.assert_close((g @ d)[a > 1e-9], (d @ d).expand(int((a > 1e-9).sum())))
+    for other in torch.distributions.Dirichlet(torch.ones(5, dtype=torch.float64)).sample((50,)):
+        assert (other @ g).norm() >= d.norm() - 1e-9
