@@ -253,6 +253,7 @@ def test_max_norm_after_a_loss_weighting():
 def test_mgda_min_norm_optimality(seed):
     # The min-norm point d of the convex hull satisfies g_t . d >= ||d||^2 for every t, with
     # equality on the tasks it uses; any other hull point is at least as long.
+    torch.manual_seed(seed)
     g = matrix("full", t=5, p=4, seed=seed)  # T > P: the hull may contain the origin
     b = balance.get("mgda")
     a = b.combine(g, make_losses(5)).weights
