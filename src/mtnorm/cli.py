@@ -193,7 +193,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         values["device"] = args.device
     trainer = Trainer(config_from_dict(values), log=None)
     trainer.model.load_state_dict(state["model"])
-    results = trainer._evaluate()
+    results = trainer.evaluate()
     for task, vals in results.items():
         print(f"{task}: " + ", ".join(f"{k}={v:.4f}" for k, v in vals.items()))
     return 0

@@ -76,3 +76,18 @@ def test_every_shipped_config_validates(path):
     cfg = load_config(path)
     assert cfg.method in available_methods()
     assert cfg.data.name in BENCHMARKS
+
+
+@pytest.mark.parametrize("name", ["multifashion", "scenes"])
+def test_embedded_configs_match_the_run_presets(name):
+    """`mtnorm run` and `mtnorm train configs/<name>.yaml` train the same thing."""
+    from mtnorm.train import to_dict
+    from mtnorm.train.experiment import PRESETS
+
+    cfg = to_dict(load_config(Path(__file__).parents[2] / "configs" / f"{name}.yaml"))
+    for section, values in PRESETS[name].items():
+        if isinstance(values, dict):
+            for key, value in values.items():
+                assert cfg[section][key] == value, f"{section}.{key}"
+        else:
+            assert cfg[section] == values, section

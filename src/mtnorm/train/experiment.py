@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,14 +25,14 @@ from mtnorm.train.trainer import Trainer
 PRESETS: dict[str, dict[str, Any]] = {
     # Sized (measured on a 2-core CPU) so that STL+HPS+TSBN+TSσBN finish in well under 10 minutes.
     "multifashion": {
-        "epochs": 3,
-        "data": {"name": "multifashion", "n_train": 12_000, "n_test": 4_000, "batch_size": 128},
+        "epochs": 4,
+        "data": {"name": "multifashion", "n_train": 24_000, "n_test": 6_000, "batch_size": 128},
         "model": {"width": 16, "hidden": 128},
         "optim": {"name": "adam", "lr": 1e-3},
     },
     "scenes": {
-        "epochs": 6,
-        "data": {"name": "scenes", "n_train": 2_000, "n_test": 500, "batch_size": 32, "eval_batch_size": 100},
+        "epochs": 5,
+        "data": {"name": "scenes", "n_train": 1_500, "n_test": 300, "batch_size": 32, "eval_batch_size": 100},
         "model": {"width": 16, "levels": 3},
         "optim": {"name": "adam", "lr": 1e-3},
     },
@@ -144,7 +145,10 @@ def summarize(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str,
             row.append(fmt(mean * scale, None if std is None else std * scale))
             entry["metrics"][f"{t}/{k}"] = {"mean": mean, "std": std}
         if base_runs:
-            dm, dm_std = metrics.delta_m_over_seeds([r["metrics"] for r in runs], base_metrics, lower)
+            try:
+                dm, dm_std = metrics.delta_m_over_seeds([r["metrics"] for r in runs], base_metrics, lower)
+            except ValueError:  # a baseline metric of 0 (e.g. an untrained run): no relative gain
+                dm, dm_std = math.nan, math.nan
             row.append(fmt(dm, dm_std if len(runs) > 1 else None))
             entry["delta_m"] = {"mean": dm, "std": dm_std if len(runs) > 1 else None}
         if "capacity" in runs[0]:

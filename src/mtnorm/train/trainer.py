@@ -148,6 +148,8 @@ class Trainer:
 
         # STL shares nothing, so there is nothing to balance: its tasks just add up
         use_balancer = cfg.balancer != "ew" and cfg.method != "stl"
+        if cfg.method == "stl" and cfg.balancer != "ew":
+            self._log(f"stl shares no parameters: balancer {cfg.balancer!r} has nothing to combine; unused")
         self.balancer = (
             make_balancer(cfg.balancer, self.tasks, cfg.balancer_kwargs, cfg.seed) if use_balancer else None
         )
@@ -316,7 +318,8 @@ class Trainer:
         self.loss_scale.update(overflow)
         return values
 
-    def _evaluate(self) -> dict[str, dict[str, float]]:
+    def evaluate(self) -> dict[str, dict[str, float]]:
+        """Metrics ``{task: {name: value}}`` of the current model on the test split (logged)."""
         results, losses = evaluate(
             self.model,
             self.test_split,
@@ -390,7 +393,7 @@ class Trainer:
                 f"{path}; continue with --resume"
             )
         elif not self.last_metrics:
-            self.last_metrics = self._evaluate()
+            self.last_metrics = self.evaluate()
         if self.logger is not None:
             self.logger.close()
         return RunResult(
@@ -428,7 +431,7 @@ class Trainer:
         self.epoch += 1
         self.step_in_epoch = 0
         if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
-            self.last_metrics = self._evaluate()
+            self.last_metrics = self.evaluate()
             score = self._score(self.last_metrics)
             if score > self.best_score:
                 self.best_score = score
