@@ -187,19 +187,67 @@ def _repeat_input(x: Any, num_tasks: int) -> Any:
     return x
 
 
+BATCHED_MIN_TASKS = 3
+"""``mode="auto"`` never batches fewer tasks (measured: at T=2 batching gains nothing on CPU)."""
+
+BATCHED_MAX_BATCH = 16
+"""``mode="auto"`` batches only small per-task batches B: the gain comes from the per-pass overhead
+and the inefficiency of small convolutions that T passes of a small batch pay."""
+
+BATCHED_MAX_ELEMENTS = 2**20
+"""``mode="auto"`` batches only while the repeated input ``T * x.numel()`` stays within this many
+elements (T·B <= 341 for 3x32x32 images); beyond it the activations of the batched pass are so
+large that T passes of batch B were measured faster."""
+
+
 def choose_mode(model: nn.Module, x: Any, num_tasks: int) -> str:
     """The execution strategy that ``mode="auto"`` picks (see :func:`forward_tasks`).
 
-    Rule, measured with ``benchmarks/bench_norm.py`` on a 2-core CPU: the batched pass repeats the
-    input and pays for copies and for per-chunk statistics, which only beats T separate passes when
-    many tasks share a small batch. It is chosen when ``T >= 8`` and ``T * B <= 512``; on CUDA,
-    where one large launch beats many small ones, when ``T >= 4``. Otherwise sequential.
+    Rule on CPU: ``"batched"`` when ``T >= 3``, the per-task batch ``B <= 16`` and the input
+    repeated T times has at most ``2**20`` elements (``T * x.numel()``; T·B <= 341 for 3x32x32
+    images), otherwise ``"sequential"``.
+
+    Measured with ``benchmarks/bench_norm.py`` (CPU time on 1 thread, and wall time on 2 threads;
+    converted 7-conv ResNet of width 32 on 32x32 inputs, forward + backward, see
+    docs/benchmarks.md). Time of T ``use_task`` passes divided by the time of the batched pass
+    (CPU time):
+
+    * B = 8: 1.14x (T=3), 1.38x (T=10), 1.33x (T=40); on 2 threads (wall) 1.65x (T=10) and
+      1.40x-1.8x (T=40). Small per-task batches are where batching pays.
+    * B = 32: 1.05x (T=3), 0.93x (T=10), 0.69x (T=40); B = 16, T=40: 0.93x; B = 128, T=3: 0.90x.
+      Once the repeated batch is large, the batched pass is no faster than the unconverted model
+      on the same T·B batch (its activations are tens of MB per layer), while T passes of batch
+      B stay in cache. The size bound is on elements rather than on T·B so that it scales with
+      the input's resolution.
+    * T = 2: 0.97x-1.02x at B = 8 and 32, so two tasks stay sequential.
+
+    With this rule ``auto`` is never slower than the loop beyond noise (0.96x-1.01x where it picks
+    sequential) and 1.2x-1.4x faster where it batches. The batched pass costs 0.95x-1.34x of the
+    *unconverted* model's single pass on T·B samples, which bounds what batching can save. On
+    CUDA (not measured here), where one large launch beats many small ones, batched from
+    ``T >= 4``.
     """
-    batch = _batch_size(x)
     device = _device_of(model)
     if device.type == "cuda":
         return "batched" if num_tasks >= 4 else "sequential"
-    return "batched" if num_tasks >= 8 and num_tasks * batch <= 512 else "sequential"
+    if (
+        num_tasks >= BATCHED_MIN_TASKS
+        and _batch_size(x) <= BATCHED_MAX_BATCH
+        and num_tasks * _numel(x) <= BATCHED_MAX_ELEMENTS
+    ):
+        return "batched"
+    return "sequential"
+
+
+def _numel(x: Any) -> int:
+    """Elements of the first tensor in ``x`` (a tensor, or nested tuples, lists, dicts)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel()
+    if isinstance(x, (tuple, list)) and x:
+        return _numel(x[0])
+    if isinstance(x, dict) and x:
+        return _numel(next(iter(x.values())))
+    return 1
 
 
 def _batch_size(x: Any) -> int:
