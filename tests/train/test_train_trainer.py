@@ -125,3 +125,18 @@ def test_unknown_balancer_lists_the_valid_ones(tmp_path):
 def test_batched_forward_mode_trains(tmp_path):
     result = Trainer(toy_config(tmp_path, forward_mode="batched", epochs=1), log=None).fit()
     assert result.status == "finished"
+
+
+def _all_balancers() -> list[str]:
+    from mtnorm import balance
+
+    return balance.available()
+
+
+@pytest.mark.parametrize("balancer", _all_balancers())
+def test_every_balancer_takes_fp16_steps(tmp_path, balancer):
+    trainer = Trainer(toy_config(tmp_path, balancer=balancer, precision="fp16", epochs=1), log=None)
+    for i in range(2):
+        trainer.train_step(torch.arange(32) + 32 * i)
+    assert trainer.loss_scale.skipped == 0
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
