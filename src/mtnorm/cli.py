@@ -7,6 +7,7 @@ Every user error (bad config key, missing data, unknown method or balancer) ends
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -177,6 +178,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     result = Trainer(cfg).fit(resume=args.resume)
     if result.status == "interrupted":
         return EXIT_INTERRUPTED
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
+        return 0
     for task, values in result.metrics.items():
         print(f"{task}: " + ", ".join(f"{k}={v:.4f}" for k, v in values.items()))
     print(f"{result.parameters} parameters, {result.seconds:.0f}s; checkpoints in {result.out}")

@@ -136,6 +136,8 @@ class Trainer:
 
         self.device = resolve_device(cfg.device)
         self.world = ddp.init_from_env(self.device)
+        if not self.world.is_main:
+            self._log = lambda _msg: None  # one voice per run, not one per process
         ckpt.seed_everything(cfg.seed, cfg.deterministic, self.device)
         self.lower_is_better = metrics.lower_is_better_names([s.metric() for s in self.specs.values()])
 
