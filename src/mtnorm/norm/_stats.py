@@ -225,27 +225,32 @@ class _NativeChunks(torch.autograd.Function):
             return (None,) * 8
         # the out= overload wants every output defined, so all three are computed (the parameter
         # gradients are [K, C] by-products of the input gradient's reductions)
-        grad_x = torch.empty_like(x)
-        grad_w = x.new_empty(k, x.shape[1])
-        grad_b = x.new_empty(k, x.shape[1])
-        gys, xs, gxs = grad_y.split(ctx.chunks), x.split(ctx.chunks), grad_x.split(ctx.chunks)
-        for t in range(k):
+        gys, xs = grad_y.split(ctx.chunks), x.split(ctx.chunks)
+
+        def args(t: int) -> tuple:
             rm, rv = (None, None) if ctx.training else (running[2 * t], running[2 * t + 1])
-            torch.ops.aten.native_batch_norm_backward.out(
-                gys[t],
-                xs[t],
-                None if weight is None else weight[t],
-                rm,
-                rv,
-                stats[2 * t],
-                stats[2 * t + 1],
-                ctx.training,
-                ctx.eps,
-                [True, True, True],
-                out0=gxs[t],
-                out1=grad_w[t],
-                out2=grad_b[t],
-            )
+            w = None if weight is None else weight[t]
+            return (gys[t], xs[t], w, rm, rv, stats[2 * t], stats[2 * t + 1], ctx.training, ctx.eps)
+
+        try:
+            grad_x = torch.empty_like(x)
+            grad_w = x.new_empty(k, x.shape[1])
+            grad_b = x.new_empty(k, x.shape[1])
+            gxs = grad_x.split(ctx.chunks)
+            for t in range(k):
+                torch.ops.aten.native_batch_norm_backward.out(
+                    *args(t), [True, True, True], out0=gxs[t], out1=grad_w[t], out2=grad_b[t]
+                )
+        except RuntimeError:
+            # under vmap (``autograd.grad(..., is_grads_batched=True)``) out= variants have no
+            # batching rule; the functional kernel has one
+            parts = [
+                torch.ops.aten.native_batch_norm_backward(*args(t), [True, True, True])
+                for t in range(k)
+            ]
+            grad_x = torch.cat([p[0] for p in parts])
+            grad_w = torch.stack([p[1] for p in parts])
+            grad_b = torch.stack([p[2] for p in parts])
         return (
             grad_x if need_x else None,
             grad_w if need_w and ctx.has_weight else None,
