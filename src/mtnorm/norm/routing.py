@@ -212,17 +212,18 @@ def choose_mode(model: nn.Module, x: Any, num_tasks: int) -> str:
     docs/benchmarks.md). Time of T ``use_task`` passes divided by the time of the batched pass
     (CPU time):
 
-    * B = 8: 1.14x (T=3), 1.38x (T=10), 1.33x (T=40); on 2 threads (wall) 1.65x (T=10) and
-      1.40x-1.8x (T=40). Small per-task batches are where batching pays.
-    * B = 32: 1.05x (T=3), 0.93x (T=10), 0.69x (T=40); B = 16, T=40: 0.93x; B = 128, T=3: 0.90x.
-      Once the repeated batch is large, the batched pass is no faster than the unconverted model
-      on the same T·B batch (its activations are tens of MB per layer), while T passes of batch
-      B stay in cache. The size bound is on elements rather than on T·B so that it scales with
-      the input's resolution.
+    * B = 8: 1.12x-1.14x (T=3), 1.36x-1.38x (T=10), 1.15x-1.33x (T=40) over two runs; on 2
+      threads (wall time) 1.65x (T=10) and 1.4x-1.8x (T=40). Small per-task batches are where
+      batching pays.
+    * B = 32: 1.04x (T=3), 0.93x-0.97x (T=10), 0.68x (T=40); B = 16, T=40: 0.93x; B = 128, T=3:
+      0.90x. Once the repeated batch is large, the batched pass is no faster than the unconverted
+      model on the same T·B batch (its activations are tens of MB per layer), while T passes of
+      batch B stay in cache. The size bound is on elements rather than on T·B so that it scales
+      with the input's resolution.
     * T = 2: 0.97x-1.02x at B = 8 and 32, so two tasks stay sequential.
 
-    With this rule ``auto`` is never slower than the loop beyond noise (0.96x-1.01x where it picks
-    sequential) and 1.2x-1.4x faster where it batches. The batched pass costs 0.95x-1.34x of the
+    With this rule ``auto`` is never slower than the loop beyond noise (0.98x-1.01x where it picks
+    sequential) and 1.15x-1.4x faster where it batches. The batched pass costs 0.95x-1.34x of the
     *unconverted* model's single pass on T·B samples, which bounds what batching can save. On
     CUDA (not measured here), where one large launch beats many small ones, batched from
     ``T >= 4``.
