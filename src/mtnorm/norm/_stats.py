@@ -209,7 +209,6 @@ class _NativeChunks(torch.autograd.Function):
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         # eval mode normalizes with the running statistics, which backward reads again
         saved_running = [] if training else [r for pair in running for r in pair]
-        ctx.num_running = len(saved_running)
         ctx.save_for_backward(x, weight, *stats, *saved_running)
         return y
 
