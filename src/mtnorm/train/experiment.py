@@ -68,7 +68,6 @@ def variant_config(base: dict[str, Any], variant: Variant, seed: int, out: Path)
     values = copy.deepcopy(base)
     values["method"] = variant.method
     values["seed"] = seed
-    values.setdefault("data", {})
     slug = variant.method if variant.alpha is None else f"{variant.method}_alpha{variant.alpha:g}"
     values["out"] = str(out / f"{slug}-seed{seed}")
     if variant.alpha is not None:
