@@ -23,11 +23,11 @@ from mtnorm.train.report import fmt, markdown_table
 from mtnorm.train.trainer import Trainer
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # Sized on the 2-core CPU this was developed on: STL+HPS+TSBN+TSσBN take about 2 minutes when
-    # the machine is idle and stay under 10 while other jobs share it (see docs/training.md).
+    # Sized on the 2-core CPU this was developed on: STL+HPS+TSBN+TSσBN take about 4 minutes on
+    # the idle machine, data generation included (docs/training.md has the measurement).
     "multifashion": {
-        "epochs": 4,
-        "data": {"name": "multifashion", "n_train": 12_000, "n_test": 4_000, "batch_size": 128},
+        "epochs": 6,
+        "data": {"name": "multifashion", "n_train": 24_000, "n_test": 6_000, "batch_size": 128},
         "model": {"width": 16, "hidden": 128},
         "optim": {"name": "adam", "lr": 1e-3},
     },
