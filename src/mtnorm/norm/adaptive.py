@@ -58,7 +58,6 @@ class DynamicWeightedBatchNorm(TaskBatchNorm):
             logits.fill_diagonal_(math.log(self_weight * (t - 1) / (1.0 - self_weight)))
         self.mix_logits = nn.Parameter(logits)
         self._native_single_task = False
-        self._fused_batch_stats = False
 
     def mixing(self) -> torch.Tensor:
         """The mixing matrix ``[T, T]``; row t holds the weights task t gives each task's statistics."""
@@ -130,7 +129,6 @@ class AdaINBatchNorm(TaskBatchNorm):
             torch.full((self.num_tasks, num_features), init, device=device, dtype=dtype)
         )
         self._native_single_task = False
-        self._fused_batch_stats = False
 
     def _forward_chunks(self, x: torch.Tensor, route: int) -> torch.Tensor:
         chunks = self.num_tasks if route == BATCHED else 1

@@ -48,10 +48,9 @@ class _TaskBatchNormBase(TaskNorm):
     its own batch statistics; ``share_stats`` changes only what is tracked and used in eval.
     """
 
-    # Sync subclasses compute statistics across processes, so they use neither the native kernel
-    # nor the fused chunk function, only the differentiable statistics of `_moments`.
+    # Sync and adaptive subclasses compute statistics that are not one chunk's own (across
+    # processes, or mixed across tasks), so they cannot use the native kernel.
     _native_single_task = True
-    _fused_batch_stats = True
 
     def __init__(
         self,
@@ -180,11 +179,6 @@ class _TaskBatchNormBase(TaskNorm):
         chunks = self.num_tasks if route == BATCHED else 1
         xs = _stats.chunk_view(x, chunks, self.num_features)
         weight, bias = self._params_for(route)
-        if self._fused_batch_stats and self._uses_batch_stats():
-            y, var, mean = _stats.chunk_batch_norm(xs, weight, bias, self.eps)
-            if self.training and self.track_running_stats:
-                self._update(route, mean, var, xs.shape[1] * xs.shape[3])
-            return y.view(x.shape)
         var, mean = self._moments(xs, route)
         scale, shift = _stats.normalizing_affine(mean, var, self.eps, weight, bias)
         return _stats.affine_apply(xs, scale, shift).view(x.shape)
@@ -201,31 +195,31 @@ class _TaskBatchNormBase(TaskNorm):
         """
         _stats.check_chunks(x, self.num_tasks, self.num_features)
         batch_stats = self._uses_batch_stats()
-        running, momenta = [], []
-        for task in range(self.num_tasks):
-            row = 0 if self.share_stats else task
-            momentum = 0.0 if self.momentum is None else self.momentum
-            if self.training and self.track_running_stats:
-                self.num_batches_tracked[row].add_(1)
-                if self.momentum is None:
-                    momentum = 1.0 / float(self.num_batches_tracked[row])
-            momenta.append(momentum)
-            running.append(
-                (None, None)
-                if self.running_mean is None
-                else (self.running_mean[row], self.running_var[row])
-            )
+        rows = [0 if self.share_stats else task for task in range(self.num_tasks)]
+        momenta = [self._count_pass(row) for row in rows]  # in task order, as T passes would
+        running = [
+            (None, None) if self.running_mean is None else (self.running_mean[r], self.running_var[r])
+            for r in rows
+        ]
         return _stats.native_chunks_batch_norm(
             x, self.scale(), self.shift(), running, momenta, batch_stats, self.eps
         )
 
-    def _forward_native(self, x: torch.Tensor, task: int) -> torch.Tensor:
-        row = 0 if self.share_stats else task
+    def _count_pass(self, row: int) -> float:
+        """Count one training pass on buffer row ``row``; returns the momentum ``F.batch_norm`` needs.
+
+        As in ``nn.BatchNorm``, ``momentum=None`` means a cumulative average: factor 1/n.
+        """
         momentum = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats:
             self.num_batches_tracked[row].add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked[row])
+        return momentum
+
+    def _forward_native(self, x: torch.Tensor, task: int) -> torch.Tensor:
+        row = 0 if self.share_stats else task
+        momentum = self._count_pass(row)
         scale, shift = self.scale(), self.shift()
         return F.batch_norm(
             x,

@@ -54,7 +54,6 @@ class _SyncStats:
     """
 
     _native_single_task = False
-    _fused_batch_stats = False
     process_group: Any = None
 
     def _batch_moments(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
