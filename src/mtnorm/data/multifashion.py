@@ -22,13 +22,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from mtnorm.data import _cache
-from mtnorm.data.fashion import FASHION_CLASSES, fingerprint, load_fashion_mnist
+from mtnorm.data._generated import generated_split
+from mtnorm.data.fashion import FASHION_CLASSES
 
 CANVAS = 36
 MAX_SHIFT = 4
 MULTIFASHION_TASKS: tuple[str, ...] = ("left", "right")
-_SPLIT_ID = {"train": 0, "test": 1}
 _VERSION = 1
 
 
@@ -93,18 +92,9 @@ class MultiFashion(Dataset):
         root: str | Path | None = None,
         cache: bool = True,
     ) -> None:
-        if split not in _SPLIT_ID:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        n = n_train if split == "train" else n_test
-        src_images, src_labels = load_fashion_mnist(split, root)
-        source = fingerprint(src_images, src_labels)
-        key = f"multifashion-v{_VERSION}-{split}-n{n}-seed{seed}-{source}"
-
-        def make() -> dict[str, np.ndarray]:
-            rng = np.random.default_rng([seed, _SPLIT_ID[split]])
-            return make_multifashion(src_images, src_labels, n, rng)
-
-        arrays = _cache.cached(key, make, use_cache=cache)
+        arrays = generated_split(
+            f"multifashion-v{_VERSION}", split, n_train, n_test, seed, root, cache, make_multifashion
+        )
         self.split = split
         self.raw = torch.from_numpy(arrays["images"])  # uint8, 4x smaller than float
         self.targets = {t: torch.from_numpy(arrays[t]) for t in self.tasks}

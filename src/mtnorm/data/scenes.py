@@ -35,8 +35,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 from torch.utils.data import Dataset
 
-from mtnorm.data import _cache
-from mtnorm.data.fashion import FASHION_CLASSES, fingerprint, load_fashion_mnist
+from mtnorm.data._generated import generated_split
+from mtnorm.data.fashion import FASHION_CLASSES
 
 SIZE = 64
 MAX_ITEMS = 4
@@ -51,7 +51,6 @@ _L = np.array([-0.5, 0.6, 0.8])
 LIGHT: tuple[float, ...] = tuple(float(v) for v in _L / np.linalg.norm(_L))
 ATTRIBUTE_TASKS: tuple[str, ...] = tuple(f"has_{c}" for c in FASHION_CLASSES)
 SCENE_TASKS: tuple[str, ...] = ("segment", "depth", "normal", *ATTRIBUTE_TASKS)
-_SPLIT_ID = {"train": 0, "test": 1}
 _VERSION = 3
 
 
@@ -239,18 +238,9 @@ class FashionScenes(Dataset):
         root: str | Path | None = None,
         cache: bool = True,
     ) -> None:
-        if split not in _SPLIT_ID:
-            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        n = n_train if split == "train" else n_test
-        src_images, src_labels = load_fashion_mnist(split, root)
-        source = fingerprint(src_images, src_labels)
-        key = f"fashionscenes-v{_VERSION}-{split}-n{n}-seed{seed}-{source}"
-
-        def make() -> dict[str, np.ndarray]:
-            rng = np.random.default_rng([seed, _SPLIT_ID[split]])
-            return make_scenes(src_images, src_labels, n, rng)
-
-        arrays = _cache.cached(key, make, use_cache=cache)
+        arrays = generated_split(
+            f"fashionscenes-v{_VERSION}", split, n_train, n_test, seed, root, cache, make_scenes
+        )
         self.split = split
         self.images = torch.from_numpy(arrays["image"].astype(np.float32)).unsqueeze(1)
         has = torch.from_numpy(arrays["has"].astype(np.float32))
