@@ -70,6 +70,8 @@ def fmt(mean: float, std: float | None = None, digits: int = 2) -> str:
     """``"12.34"`` or ``"12.34 ± 0.56"``; NaN as ``"—"``."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "—"
+    if round(mean, digits) == 0:
+        mean = 0.0  # no "-0.00" for a baseline compared with itself
     text = f"{mean:.{digits}f}"
     return text if std is None else f"{text} ± {std:.{digits}f}"
 
