@@ -93,7 +93,9 @@ def _open(name: str, make: Callable[[], Any]) -> Any:
                 " (install Debian's dataset-fashion-mnist with `make data`, or set "
                 "MTNORM_FASHION_DIR to a folder with the four Fashion-MNIST idx files)"
             )
-        raise DataUnavailableError(f"{name}: {' '.join(str(e).split())}{hint}") from None
+        # the first line says what is missing; the rest (an expected folder tree) keeps its lines
+        first, _, tree = str(e).partition("\n")
+        raise DataUnavailableError(f"{name}: {first}{hint}" + (f"\n{tree}" if tree else "")) from None
 
 
 def _dense_heads(specs: dict[str, TaskSpec], tasks: tuple[str, ...], make: Callable) -> dict[str, nn.Module]:
