@@ -142,7 +142,8 @@ def summarize(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str,
         for t, k in columns:
             mean, std = _mean_std([r["metrics"][t][k] for r in runs])
             scale = 100.0 if _is_fraction(k) else 1.0
-            row.append(fmt(mean * scale, None if std is None else std * scale))
+            digits = 2 if scale != 1.0 or abs(mean) >= 1 else 4  # small errors need more digits
+            row.append(fmt(mean * scale, None if std is None else std * scale, digits))
             entry["metrics"][f"{t}/{k}"] = {"mean": mean, "std": std}
         if base_runs:
             try:
