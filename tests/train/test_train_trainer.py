@@ -127,6 +127,18 @@ def test_batched_forward_mode_trains(tmp_path):
     assert result.status == "finished"
 
 
+@pytest.mark.parametrize(
+    "balancer, forward_mode, expected",
+    [("db_mtl", "auto", "sequential"), ("pcgrad", "auto", "sequential"), ("uw", "auto", "auto"),
+     ("ew", "auto", "auto"), ("db_mtl", "batched", "batched")],
+)
+def test_gradient_balancers_train_on_separate_task_graphs(tmp_path, balancer, forward_mode, expected):
+    """"auto" must not hand a gradient balancer one batched graph: its T backwards would each pay
+    for the whole batch, where T separate graphs cost one backward in all."""
+    cfg = toy_config(tmp_path, balancer=balancer, forward_mode=forward_mode, epochs=1)
+    assert Trainer(cfg, log=None).train_forward_mode == expected
+
+
 def _all_balancers() -> list[str]:
     from mtnorm import balance
 

@@ -157,6 +157,13 @@ class Trainer:
         )
         if self.balancer is not None:
             self.balancer.to(self.device)
+        # Gradient balancers need every task's gradient: T separate task graphs give them for the
+        # price of one backward, one batched graph would cost T (docs/balance.md), so "auto"
+        # trains such a balancer with sequential task passes.
+        needs_task_grads = self.balancer is not None and not isinstance(self.balancer, balance.LossWeighting)
+        self.train_forward_mode = (
+            "sequential" if cfg.forward_mode == "auto" and needs_task_grads else cfg.forward_mode
+        )
         self.shared = shared_parameters(self.model)
 
         self.optimizer = self._make_optimizer()
@@ -283,7 +290,7 @@ class Trainer:
         x, y = take(self.train_split, index, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, cfg.precision):
-            out = forward_tasks(self.model, x, mode=cfg.forward_mode)
+            out = forward_tasks(self.model, x, mode=self.train_forward_mode)
         losses = task_losses(out, y, self.losses)
         if self.world.distributed:
             losses = self._global_losses(losses)
