@@ -50,6 +50,18 @@ def _alphas(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"--alphas takes comma-separated numbers, got {text!r}") from None
 
 
+def _scales(text: str) -> list[float]:
+    try:
+        scales = [float(a) for a in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--loss-scales takes comma-separated numbers, got {text!r}"
+        ) from None
+    if not scales or any(s < 0 for s in scales):
+        raise argparse.ArgumentTypeError(f"--loss-scales takes non-negative numbers, got {text!r}")
+    return scales
+
+
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     """``["optim.lr=0.01", "epochs=3"]`` -> dotted overrides with YAML-typed values."""
     out = {}
@@ -96,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=_seeds, default=[0, 1, 2])
     bench.add_argument("--alphas", type=_alphas, default=None, help="α sweep for task-norm methods")
     bench.add_argument("--baseline", default="stl")
+    bench.add_argument(
+        "--loss-scales",
+        type=_scales,
+        default=None,
+        help="also rerun the grid with each task's loss scaled by each factor (e.g. 0.5,1.5,2.0) "
+        "and report the spread of relative performance (paper §7.2)",
+    )
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     bench.add_argument("--out", default=None)
 
@@ -214,7 +233,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out or f"{cfg.out}-bench")
     result = run_grid(base, variants, args.seeds, out)
     _report(result, base, args.baseline, started)
+    if args.loss_scales:
+        _robustness(base, variants, args, out, result, started)
     return 0
+
+
+def _robustness(
+    base: dict[str, Any], variants: list, args: argparse.Namespace, out: Path, result: Any, started: float
+) -> None:
+    from mtnorm.train.robustness import (
+        relative_performance,
+        robustness_table,
+        run_robustness,
+        write_robustness,
+    )
+
+    rob = run_robustness(base, variants, args.seeds, args.loss_scales, out, unperturbed=result)
+    data = relative_performance(rob, args.baseline)
+    own = robustness_table(data, "vs_own")
+    vs_base = robustness_table(data, f"vs_{args.baseline}")
+    path = write_robustness(out, own, vs_base, data, args.loss_scales, args.baseline, rob.seconds)
+    print(
+        f"\nLoss-scale robustness (each task's loss x{args.loss_scales}, one at a time): "
+        "Δm% of each perturbed run vs the same method's unperturbed run (same seed)"
+    )
+    print(own)
+    print(f"\nThe same perturbed runs, Δm% vs unperturbed {args.baseline}:")
+    print(vs_base)
+    print(f"\nwall time {time.perf_counter() - started:.0f}s; results in {path}")
 
 
 def cmd_methods(args: argparse.Namespace) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -72,6 +73,8 @@ class Config:
     balancer: str = "ew"
     balancer_kwargs: dict[str, Any] = field(default_factory=dict)
     method_kwargs: dict[str, Any] = field(default_factory=dict)
+    # per-task loss multipliers applied before the balancer (tasks not named keep 1.0)
+    loss_weights: dict[str, float] = field(default_factory=dict)
     epochs: int = 5
     seed: int = 0
     device: str = "cpu"  # cpu | cuda | cuda:N | mps
@@ -221,6 +224,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if cfg.optim.lr <= 0:
         raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    for task, weight in cfg.loss_weights.items():
+        ok = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+        if not ok or not math.isfinite(weight) or weight < 0:
+            raise ConfigError(
+                f"loss_weights.{task}: expected a finite non-negative number, got {weight!r}"
+            )
+        cfg.loss_weights[task] = float(weight)
     if not (cfg.device in ("cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: {cfg.device!r} is not one of 'cpu', 'cuda', 'cuda:N', 'mps'")
 

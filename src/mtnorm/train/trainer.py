@@ -132,6 +132,13 @@ class Trainer:
         self.tasks = self.bench.tasks
         self.specs = self.bench.specs
         self.losses = {t: loss_for(spec) for t, spec in self.specs.items()}
+        unknown = sorted(set(cfg.loss_weights) - set(self.tasks))
+        if unknown:
+            raise ConfigError(
+                f"loss_weights: unknown task {', '.join(map(repr, unknown))}; "
+                f"the tasks of {cfg.data.name!r} are {list(self.tasks)}"
+            )
+        self.loss_weights = {t: cfg.loss_weights.get(t, 1.0) for t in self.tasks}
         self.train_split, self.test_split = self.bench.load(cfg)
 
         self.device = resolve_device(cfg.device)
@@ -301,6 +308,8 @@ class Trainer:
                 f"non-finite loss for task {', '.join(map(repr, bad))} at step {self.global_step} "
                 f"(epoch {self.epoch}); the last good checkpoint is kept in {self.out}"
             )
+        if any(w != 1.0 for w in self.loss_weights.values()):  # logged values stay unweighted
+            losses = {t: l * self.loss_weights[t] for t, l in losses.items()}
         if self.grad_transform is not None:
             self.grad_transform.scale = self.loss_scale.scale
         if self.loss_scale.enabled:
