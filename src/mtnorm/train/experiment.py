@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mtnorm import metrics
+from mtnorm.train import convergence
 from mtnorm.train.config import Config, config_from_dict, to_dict
 from mtnorm.train.report import fmt, markdown_table
 from mtnorm.train.trainer import Trainer
@@ -133,6 +134,13 @@ def summarize(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str,
     header = ["Method", "#P", *(f"{t} {k}" for t, k in columns)]
     if base_runs:
         header.append(f"Δm% vs {baseline}")
+    # per-epoch evaluations -> epochs to reach 95% of the final score (mtnorm.train.convergence)
+    speed = {
+        label: convergence.summarize_epochs([convergence.run_epochs_to_fraction(r, lower) for r in runs])
+        for label, runs in result.runs.items()
+    }
+    if any(v is not None for v in speed.values()):
+        header.append("epochs to 95%")
     rows, data = [], {}
     for label in labels:
         runs = result.runs[label]
@@ -152,6 +160,10 @@ def summarize(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str,
                 dm, dm_std = math.nan, math.nan
             row.append(fmt(dm, dm_std if len(runs) > 1 else None))
             entry["delta_m"] = {"mean": dm, "std": dm_std if len(runs) > 1 else None}
+        if "epochs to 95%" in header:
+            conv = speed[label]
+            row.append("—" if conv is None else fmt(conv["mean"], conv["std"], 1))
+            entry["epochs_to_95"] = conv
         if "capacity" in runs[0]:
             entry["capacity"] = runs[0]["capacity"]
         rows.append(row)
@@ -168,9 +180,28 @@ def write_summary(result: GridResult, table: str, data: dict[str, Any], base: di
     """``summary.md`` and ``summary.json`` in the grid's folder; returns the folder."""
     result.out.mkdir(parents=True, exist_ok=True)
     (result.out / "summary.md").write_text(table + "\n")
-    payload = {"config": base, "seconds": result.seconds, "variants": data, "runs": result.runs}
+    payload = {
+        "config": base,
+        "seconds": result.seconds,
+        "lower_is_better": sorted(result.lower_is_better),
+        "variants": data,
+        "runs": result.runs,
+    }
     (result.out / "summary.json").write_text(json.dumps(payload, indent=2) + "\n")
     return result.out
+
+
+def load_grid(folder: str | Path, lower_is_better: Sequence[str] | None = None) -> GridResult:
+    """The :class:`GridResult` of a finished grid from its ``summary.json`` (to summarize again).
+
+    ``lower_is_better`` is read from the file when it was stored, else taken from the argument.
+    """
+    folder = Path(folder)
+    payload = json.loads((folder / "summary.json").read_text())
+    lower = payload.get("lower_is_better", lower_is_better or [])
+    return GridResult(
+        runs=payload["runs"], out=folder, seconds=payload["seconds"], lower_is_better=set(lower)
+    )
 
 
 def base_from_config(cfg: Config) -> dict[str, Any]:

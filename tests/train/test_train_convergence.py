@@ -1,0 +1,102 @@
+"""Epochs to 95% of the final score, from per-epoch evaluations, and its bench column."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from train_helpers import toy_config
+
+from mtnorm.train import to_dict
+from mtnorm.train.convergence import (
+    epochs_to_fraction,
+    eval_history,
+    run_epochs_to_fraction,
+    scores,
+    summarize_epochs,
+)
+from mtnorm.train.experiment import Variant, load_grid, run_grid, summarize, write_summary
+
+
+def write_evals(folder, rows):
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"kind": "train", "step": 1, "epoch": 0, "a": 1.0}) + "\n")
+        for epoch, values in rows:
+            f.write(json.dumps({"kind": "eval", "step": epoch * 10, "epoch": epoch, **values}) + "\n")
+
+
+def test_hand_made_sequence_higher_is_better(tmp_path):
+    # final accuracies 0.8 / 0.6; scores: e1 (0.4/0.8+0.3/0.6)/2 = 0.5, e2 (0.76/0.8+0.6/0.6)/2 = 0.975,
+    # e3 (0.8/0.8+0.54/0.6)/2 = 0.95, e4 = 1
+    rows = [
+        (1, {"a/accuracy": 0.4, "b/accuracy": 0.3, "loss/a": 2.0}),
+        (2, {"a/accuracy": 0.76, "b/accuracy": 0.6}),
+        (3, {"a/accuracy": 0.8, "b/accuracy": 0.54}),
+        (4, {"a/accuracy": 0.8, "b/accuracy": 0.6}),
+    ]
+    write_evals(tmp_path, rows)
+    history = eval_history(tmp_path)
+    assert [e for e, _ in history] == [1, 2, 3, 4]
+    assert "loss" not in history[0][1]
+    assert [round(s, 6) for _, s in scores(history)] == [0.5, 0.975, 0.95, 1.0]
+    assert epochs_to_fraction(history) == 2
+    assert epochs_to_fraction(history, fraction=0.96) == 4  # epoch 3 dips below 0.96
+    assert epochs_to_fraction(history, fraction=0.4) == 1
+
+
+def test_a_lucky_early_evaluation_does_not_count(tmp_path):
+    rows = [
+        (1, {"a/accuracy": 0.9}),
+        (2, {"a/accuracy": 0.5}),
+        (3, {"a/accuracy": 0.88}),
+        (4, {"a/accuracy": 0.9}),
+    ]
+    write_evals(tmp_path, rows)
+    assert epochs_to_fraction(eval_history(tmp_path)) == 3
+
+
+def test_lower_is_better_is_inverted_and_primary_is_the_first_metric(tmp_path):
+    # depth error falls 0.5 -> 0.2 (final/value: 0.4, 0.8, 1); the second metric must be ignored
+    rows = [
+        (1, {"d/abs": 0.5, "d/rel": 100.0}),
+        (2, {"d/abs": 0.25, "d/rel": 100.0}),
+        (3, {"d/abs": 0.2, "d/rel": 0.001}),
+    ]
+    write_evals(tmp_path, rows)
+    history = eval_history(tmp_path)
+    assert [round(s, 6) for _, s in scores(history, {"abs", "rel"})] == [0.4, 0.8, 1.0]
+    assert epochs_to_fraction(history, {"abs"}) == 3
+    # read as higher-is-better, the falling error would look converged at once
+    assert epochs_to_fraction(history) == 1
+
+
+def test_resumed_run_keeps_the_last_record_of_an_epoch(tmp_path):
+    rows = [(1, {"a/accuracy": 0.1}), (1, {"a/accuracy": 0.95}), (2, {"a/accuracy": 1.0})]
+    write_evals(tmp_path, rows)
+    history = eval_history(tmp_path)
+    assert history == [(1, {"a": {"accuracy": 0.95}}), (2, {"a": {"accuracy": 1.0}})]
+    assert epochs_to_fraction(history) == 1
+
+
+def test_missing_history_and_summary():
+    assert epochs_to_fraction([]) is None
+    assert run_epochs_to_fraction({"out": "/nonexistent/run"}) is None
+    assert summarize_epochs([2, None]) is None
+    s = summarize_epochs([1, 2, 3])
+    assert s["mean"] == 2 and s["std"] == pytest.approx(1.0) and s["values"] == [1, 2, 3]
+    assert summarize_epochs([4])["std"] is None
+
+
+def test_bench_summary_has_the_epochs_column_and_json(tmp_path):
+    base = to_dict(toy_config(tmp_path / "unused", epochs=3, log_every=100))
+    result = run_grid(base, [Variant("stl"), Variant("hps")], [0, 1], tmp_path / "grid", log=lambda _m: None)
+    table, data = summarize(result)
+    assert table.splitlines()[0].rstrip(" |").endswith("epochs to 95%")
+    for label, runs in result.runs.items():
+        expected = [epochs_to_fraction(eval_history(r["out"]), result.lower_is_better) for r in runs]
+        assert data[label]["epochs_to_95"]["values"] == expected
+        assert all(1 <= e <= 3 for e in expected)
+    write_summary(result, table, data, base)
+    again, _ = summarize(load_grid(tmp_path / "grid"))
+    assert again == table
