@@ -92,7 +92,8 @@ def test_sigma_maps_pretrained_scales_through_the_inverse_sigmoid() -> None:
 def test_sigma_from_scratch_starts_every_gate_at_one_half() -> None:
     new = mtnorm.convert(nn.BatchNorm2d(4), TASKS, norm="sigma")
     assert torch.all(new.gamma == 0)
-    forced = mtnorm.convert(nn.BatchNorm2d(4), TASKS, norm="sigma", init="pretrained")
+    with pytest.warns(UserWarning, match="clamped"):
+        forced = mtnorm.convert(nn.BatchNorm2d(4), TASKS, norm="sigma", init="pretrained")
     assert torch.all(torch.sigmoid(forced.gamma) > 0.99)  # weight 1 clamped to 1 - 1e-3
 
 
@@ -109,6 +110,7 @@ def test_scales_outside_the_gate_range_are_clamped_with_a_warning() -> None:
 def test_dropping_a_pretrained_bias_is_warned_about() -> None:
     bn = nn.BatchNorm2d(3)
     with torch.no_grad():
+        bn.weight.fill_(0.5)
         bn.bias.fill_(0.5)
     with pytest.warns(UserWarning, match="drops these layers' non-zero pretrained bias"):
         mtnorm.convert(nn.Sequential(bn), TASKS, norm="sigma")

@@ -63,6 +63,7 @@ def test_heads_become_the_tasks_own_head() -> None:
     assert single[1] is not heads.heads["normal"]  # a copy, not the original head
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 def test_extracted_models_script_and_export() -> None:
     model, x = make("conv", torch.float32)
     converted = _trained(model, x, "sigma")

@@ -57,7 +57,7 @@ NORM_AND_MODE = [
 @pytest.mark.parametrize("mode", ["batched", "auto"])
 def test_every_mode_equals_sequential_use_task_passes(name, norm, mode, train, dtype) -> None:
     model, x = make(name, dtype)
-    model = mtnorm.convert(model, TASKS, norm=norm)
+    model = mtnorm.convert(model, TASKS, norm=norm, shift=True if norm == "sigma" else None)
     with torch.no_grad():  # tasks must differ, or routing mistakes would cancel out
         for p in mtnorm.task_parameters(model):
             p.add_(torch.randn_like(p) * 0.3)
@@ -78,7 +78,7 @@ def test_dw_batched_training_mixes_batch_statistics_of_all_tasks() -> None:
 
 def test_shared_statistics_batched_equals_sequential() -> None:
     model, x = make("conv")
-    model = mtnorm.convert(model, TASKS, norm="sigma", share_stats=True)
+    model = mtnorm.convert(model, TASKS, norm="sigma", share_stats=True, shift=True)
     _compare_modes(model, x, "batched", 1e-10, True)
 
 
