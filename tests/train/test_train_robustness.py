@@ -15,6 +15,7 @@ from mtnorm.train.experiment import GridResult
 from mtnorm.train.robustness import (
     Perturbation,
     RobustnessResult,
+    load_robustness,
     perturbations,
     relative_performance,
     robustness_table,
@@ -139,6 +140,10 @@ def test_bench_loss_scales_expands_the_grid_and_reports(tmp_path, capsys):
     ckpt = torch.load(out / "loss_b_x2" / "hps-seed0" / "last.pt", weights_only=False)
     assert ckpt["config"]["loss_weights"] == {"b": 2.0}
     assert (out / "robustness.md").is_file()
+    # the folders alone give the same report (e.g. for a grid that was stopped early)
+    again = relative_performance(load_robustness(out))
+    assert again["hps"]["vs_own"] == pytest.approx(data["variants"]["hps"]["vs_own"])
+    assert again["hps"]["vs_stl"] == pytest.approx(data["variants"]["hps"]["vs_stl"])
 
 
 def test_bad_loss_scales_is_a_usage_error(tmp_path, capsys):

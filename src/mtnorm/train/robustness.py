@@ -173,3 +173,50 @@ def write_robustness(
     payload = {"scales": list(scales), "baseline": baseline, "seconds": seconds, "variants": data}
     (out / "robustness.json").write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
     return md
+
+
+def _label(slug: str) -> tuple[str, float | None]:
+    method, sep, alpha = slug.partition("_alpha")
+    return method, float(alpha) if sep else None
+
+
+def _grid_from_folders(folder: Path, lower: set[str]) -> GridResult:
+    """Finished runs ``<method>[_alpha<a>]-seed<k>/`` of ``folder`` (metrics of their last eval)."""
+    from mtnorm.train.convergence import eval_history
+
+    grid = GridResult(out=folder, lower_is_better=lower)
+    for run in sorted(p for p in folder.glob("*-seed*") if p.is_dir()):
+        slug, _, seed = run.name.rpartition("-seed")
+        history = eval_history(run)
+        if not history:
+            continue
+        method, alpha = _label(slug)
+        label = Variant(method, alpha).label
+        record = {"method": method, "alpha": alpha, "seed": int(seed), "metrics": history[-1][1]}
+        record["epoch"] = history[-1][0]
+        record["out"] = str(run)
+        grid.runs.setdefault(label, []).append(record)
+    return grid
+
+
+def load_robustness(out: str | Path, lower_is_better: Sequence[str] = ()) -> RobustnessResult:
+    """Rebuild a (possibly unfinished) robustness grid from its run folders.
+
+    Only runs whose last evaluation is at the grid's final epoch (the largest seen) count, so an
+    interrupted run is left out rather than scored half-trained.
+    """
+    out = Path(out)
+    lower = set(lower_is_better)
+    grids = {"": _grid_from_folders(out, lower)}
+    for sub in sorted(out.glob("loss_*_x*")):
+        grids[sub.name[len("loss_") :]] = _grid_from_folders(sub, lower)
+    last = max((r["epoch"] for g in grids.values() for rs in g.runs.values() for r in rs), default=0)
+    for g in grids.values():
+        g.runs = {k: [r for r in rs if r["epoch"] == last] for k, rs in g.runs.items()}
+        g.runs = {k: rs for k, rs in g.runs.items() if rs}
+    result = RobustnessResult(grids.pop(""))
+    for slug, grid in grids.items():
+        task, _, scale = slug.rpartition("_x")
+        if grid.runs:
+            result.perturbed[slug] = (Perturbation(task, float(scale)), grid)
+    return result
