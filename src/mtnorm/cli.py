@@ -251,15 +251,17 @@ def _robustness(
     rob = run_robustness(base, variants, args.seeds, args.loss_scales, out, unperturbed=result)
     data = relative_performance(rob, args.baseline)
     own = robustness_table(data, "vs_own")
-    vs_base = robustness_table(data, f"vs_{args.baseline}")
+    has_base = args.baseline in result.runs
+    vs_base = robustness_table(data, f"vs_{args.baseline}") if has_base else None
     path = write_robustness(out, own, vs_base, data, args.loss_scales, args.baseline, rob.seconds)
     print(
         f"\nLoss-scale robustness (each task's loss x{args.loss_scales}, one at a time): "
         "Δm% of each perturbed run vs the same method's unperturbed run (same seed)"
     )
     print(own)
-    print(f"\nThe same perturbed runs, Δm% vs unperturbed {args.baseline}:")
-    print(vs_base)
+    if vs_base is not None:
+        print(f"\nThe same perturbed runs, Δm% vs unperturbed {args.baseline}:")
+        print(vs_base)
     print(f"\nwall time {time.perf_counter() - started:.0f}s; results in {path}")
 
 

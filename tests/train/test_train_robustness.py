@@ -150,3 +150,17 @@ def test_bad_loss_scales_is_a_usage_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["bench", "x.yaml", "--loss-scales", "big"])
     assert "--loss-scales takes comma-separated numbers" in capsys.readouterr().err
+
+
+def test_without_baseline_runs_only_the_own_run_table(tmp_path, capsys):
+    cfg = tmp_path / "toy.yaml"
+    cfg.write_text(
+        f"method: hps\nepochs: 1\nout: {tmp_path / 'run'}\n"
+        "data: {name: toy, n_train: 64, n_test: 32, batch_size: 32}\nmodel: {hidden: 8}\n"
+    )
+    out = tmp_path / "bench"
+    assert main(["bench", str(cfg), "--seeds", "1", "--loss-scales", "2", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "mean rel. perf" in text and "vs unperturbed stl" not in text
+    assert "vs unperturbed" not in (out / "robustness.md").read_text()
+    assert sorted(p.name for p in out.glob("loss_*")) == ["loss_a_x2", "loss_b_x2"]

@@ -154,7 +154,7 @@ def robustness_table(data: dict[str, dict[str, Any]], key: str = "vs_own") -> st
 def write_robustness(
     out: str | Path,
     own_table: str,
-    base_table: str,
+    base_table: str | None,
     data: dict[str, Any],
     scales: Sequence[float],
     baseline: str,
@@ -166,10 +166,10 @@ def write_robustness(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     md = out / "robustness.md"
-    md.write_text(
-        f"Relative performance (Δm%) vs the method's own unperturbed run:\n\n{own_table}\n\n"
-        f"Δm% vs unperturbed {baseline}:\n\n{base_table}\n"
-    )
+    text = f"Relative performance (Δm%) vs the method's own unperturbed run:\n\n{own_table}\n"
+    if base_table is not None:  # None when the grid has no baseline runs
+        text += f"\nΔm% vs unperturbed {baseline}:\n\n{base_table}\n"
+    md.write_text(text)
     payload = {"scales": list(scales), "baseline": baseline, "seconds": seconds, "variants": data}
     (out / "robustness.json").write_text(json.dumps(payload, indent=2, allow_nan=True) + "\n")
     return md
