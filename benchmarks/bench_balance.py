@@ -12,7 +12,7 @@ Two models, each with T = 3 and T = 10 tasks:
 A step is forward + ``balancer.backward`` + ``SGD.step``, timed by default in process CPU time
 on one thread, which other jobs on a shared machine barely disturb (``--clock wall --threads 2``
 for wall-clock time on both cores). Methods are timed side by side:
-repeats are interleaved across methods in shuffled order and the median is reported, along with
+repeats are interleaved across methods in a rotating order and the median is reported, along with
 each method's ratio to EW on the same model. If TorchJD or LibMTL import, their UPGrad / DB-MTL
 are timed too (optional; neither is a dependency, and a failure only skips them).
 
@@ -23,15 +23,13 @@ are timed too (optional; neither is a dependency, and a failure only skips them)
 from __future__ import annotations
 
 import argparse
-import random
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import mtnorm
+from _timing import CLOCKS, add_clock_argument, measure
 from mtnorm import balance
 
 LEARNED = {"uw", "imtl_l", "gradnorm"}
@@ -150,26 +148,6 @@ def external_steps(kind: str, tasks: list[str], batch: int) -> dict[str, Callabl
     return working
 
 
-def measure(
-    steps: dict[str, Callable[[], None]], rounds: int, inner: int, clock: Callable[[], float]
-) -> dict[str, float]:
-    """Median ms per step, repeats interleaved across methods in a shuffled order."""
-    for step in steps.values():  # warm-up: allocations, lazy state
-        step()
-        step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    order = list(steps)
-    rng = random.Random(0)
-    for _ in range(rounds):
-        rng.shuffle(order)
-        for name in order:
-            start = clock()
-            for _ in range(inner):
-                steps[name]()
-            times[name].append((clock() - start) / inner * 1e3)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", default="3,10", help="comma-separated task counts")
@@ -178,12 +156,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--inner", type=int, default=1, help="steps per timed repeat")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
-    parser.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default="cpu",
-        help="cpu: process CPU time, robust to other jobs on a shared machine; wall: perf_counter",
-    )
+    add_clock_argument(parser)
     parser.add_argument("--quick", action="store_true", help="ew, db_mtl, mgda; T=3; 3 rounds")
     args = parser.parse_args()
     methods = ["ew", "db_mtl", "mgda"] if args.quick else args.methods.split(",")
@@ -192,7 +165,7 @@ def main() -> None:
     if "ew" not in methods:
         methods.insert(0, "ew")
     torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = CLOCKS[args.clock]
 
     kinds = ["HPS", "HPS-rep", "TSσBN"]
     columns: dict[tuple[str, int], dict[str, float]] = {}
@@ -204,9 +177,9 @@ def main() -> None:
             steps = {m: make_step(kind, m, tasks, args.batch) for m in timed}
             if kind != "HPS-rep":
                 steps.update(external_steps(kind, tasks, args.batch))
-            columns[(kind, t)] = measure(steps, rounds, args.inner, clock)
+            columns[(kind, t)] = measure(steps, 2, rounds, clock, inner=args.inner)
 
-    names = list(dict.fromkeys(n for col in columns.values() for n in col))
+    names = list(dict.fromkeys(n for col in columns.values() for n in col if not n.endswith(" min")))
     header = ["method"]
     for t in counts:
         header += [f"{k} T={t}" for k in kinds] + [f"TSσBN T={t} / EW"]

@@ -27,46 +27,18 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 import mtnorm
+from _timing import CLOCKS, add_clock_argument, measure
 from mtnorm.norm.batchnorm import TaskBatchNorm, TaskSigmoidBatchNorm
 
 LAYER_TARGET = 1.5  # batched norm layer / native BatchNorm2d on the same tensor
 AUTO_SLACK = 1.05  # auto / naive loop, every (T, B)
 AUTO_SPEEDUP = 1.5  # naive loop / auto at T=40, B=8
-
-
-def measure(
-    variants: dict[str, Callable[[], None]],
-    warmup: int,
-    reps: int,
-    clock: Callable[[], float] = time.process_time,
-) -> dict[str, float]:
-    """Median and minimum (key ``"<name> min"``) wall time in ms of each variant.
-
-    Every repeat runs all variants in a rotating order, so load from other processes that drifts
-    over the run affects all variants alike; the minimum is the least disturbed repeat.
-    """
-    names = list(variants)
-    for _ in range(warmup):
-        for name in names:
-            variants[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
-    for r in range(reps):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            start = clock()
-            variants[name]()
-            times[name].append(clock() - start)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()} | {
-        f"{name} min": 1e3 * min(ts) for name, ts in times.items()
-    }
 
 
 def _step(
@@ -219,19 +191,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny smoke run (not for numbers)")
     parser.add_argument("--reps", type=int, default=None, help="timed repeats per variant")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
-    parser.add_argument(
-        "--clock",
-        choices=["cpu", "wall"],
-        default="cpu",
-        help="cpu: process CPU time, robust to other jobs on a shared machine; wall: perf_counter",
-    )
+    add_clock_argument(parser)
     parser.add_argument("--only", choices=["layers", "models"], default=None)
     parser.add_argument(
         "--models", nargs="+", default=None, metavar="TxB", help="model configs, e.g. 40x8 3x32"
     )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    clock = CLOCKS[args.clock]
 
     task_counts = [2, 3, 10, 40]
     if args.quick:
