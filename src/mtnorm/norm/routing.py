@@ -240,25 +240,25 @@ def choose_mode(model: nn.Module, x: Any, num_tasks: int) -> str:
     return "sequential"
 
 
-def _numel(x: Any) -> int:
-    """Elements of the first tensor in ``x`` (a tensor, or nested tuples, lists, dicts)."""
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    """The first tensor in ``x`` (a tensor, or nested tuples, lists, dicts), or None."""
     if isinstance(x, torch.Tensor):
-        return x.numel()
+        return x
     if isinstance(x, (tuple, list)) and x:
-        return _numel(x[0])
+        return _first_tensor(x[0])
     if isinstance(x, dict) and x:
-        return _numel(next(iter(x.values())))
-    return 1
+        return _first_tensor(next(iter(x.values())))
+    return None
+
+
+def _numel(x: Any) -> int:
+    t = _first_tensor(x)
+    return 1 if t is None else t.numel()
 
 
 def _batch_size(x: Any) -> int:
-    if isinstance(x, torch.Tensor):
-        return x.shape[0]
-    if isinstance(x, (tuple, list)) and x:
-        return _batch_size(x[0])
-    if isinstance(x, dict) and x:
-        return _batch_size(next(iter(x.values())))
-    return 1
+    t = _first_tensor(x)
+    return 1 if t is None or t.dim() == 0 else t.shape[0]
 
 
 def _device_of(model: nn.Module) -> torch.device:
