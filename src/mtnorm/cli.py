@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -91,11 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--n-test", type=int, default=None, help="test-set size")
     run.add_argument("--alphas", type=_alphas, default=None, help="α sweep for task-norm methods")
     run.add_argument("--device", default=None)
-    run.add_argument("--out", default=None, help="results folder (default: runs/<benchmark>)")
+    run.add_argument(
+        "--out", default=None, help="parent of this invocation's new timestamped folder (runs/<benchmark>)"
+    )
 
     train = sub.add_parser("train", help="train one run from a YAML config")
     train.add_argument("config")
     train.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    train.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in <out> (its files are deleted)"
+    )
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
     ev = sub.add_parser("eval", help="evaluate a checkpoint on its benchmark's test split")
@@ -116,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and report the spread of relative performance (paper §7.2)",
     )
     bench.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    bench.add_argument("--out", default=None)
+    bench.add_argument(
+        "--out", default=None, help="parent of this invocation's new timestamped folder (<out>-bench)"
+    )
 
     sub.add_parser("methods", help="list the registered methods and balancers")
     return parser
@@ -166,6 +174,7 @@ def _report(result: Any, base: dict[str, Any], baseline: str, started: float) ->
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mtnorm.train.experiment import DEFAULT_METHODS, PRESETS, run_grid
+    from mtnorm.train.runs import fresh_folder
 
     started = time.perf_counter()
     base = {**PRESETS[args.benchmark]}
@@ -180,10 +189,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.device is not None:
         base["device"] = args.device
     variants = _variants(args.methods or DEFAULT_METHODS, args.alphas)
-    out = Path(args.out or f"runs/{args.benchmark}")
+    out = fresh_folder(args.out or f"runs/{args.benchmark}")
     print(
         f"mtnorm run: {args.benchmark}, methods {[v.label for v in variants]}, seeds {args.seeds}, "
-        f"{base['epochs']} epochs, balancer {args.balancer}"
+        f"{base['epochs']} epochs, balancer {args.balancer}; results go to {out}"
     )
     result = run_grid(base, variants, args.seeds, out)
     _report(result, base, "stl", started)
@@ -194,9 +203,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mtnorm.train import Trainer, load_config
 
     cfg = load_config(args.config, _overrides(args.overrides))
-    result = Trainer(cfg).fit(resume=args.resume)
+    result = Trainer(cfg).fit(resume=args.resume, overwrite=args.overwrite)
     if result.status == "interrupted":
-        return EXIT_INTERRUPTED
+        return 128 + int(result.signal or signal.SIGINT)  # 130 for SIGINT, 143 for SIGTERM
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 reports
         return 0
     for task, values in result.metrics.items():
@@ -224,13 +233,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from mtnorm.train import load_config, to_dict
     from mtnorm.train.experiment import run_grid
+    from mtnorm.train.runs import fresh_folder
 
     started = time.perf_counter()
     cfg = load_config(args.config, _overrides(args.overrides))
     base = to_dict(cfg)
     methods = args.methods or [cfg.method]
     variants = _variants(methods, args.alphas)
-    out = Path(args.out or f"{cfg.out}-bench")
+    out = fresh_folder(args.out or f"{cfg.out}-bench")
+    print(f"mtnorm bench: results go to {out}")
     result = run_grid(base, variants, args.seeds, out)
     _report(result, base, args.baseline, started)
     if args.loss_scales:
@@ -288,9 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     from mtnorm.data.fashion import FashionMNISTError
     from mtnorm.models.methods import UnknownMethodError
     from mtnorm.train import ConfigError, DataUnavailableError, TrainingError
+    from mtnorm.train.checkpoint import CheckpointError
 
     expected = (
         CLIError,
+        CheckpointError,
         ConfigError,
         DataUnavailableError,
         TrainingError,

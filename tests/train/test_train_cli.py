@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from train_helpers import only_child
 
 from mtnorm.cli import main
 
@@ -58,9 +59,11 @@ def test_run_smoke_prints_the_table_and_capacity(tmp_path, capsys):
     for method in ("stl", "hps", "tsbn", "tssbn"):
         assert f"| {method} " in out
     assert "Capacity split of tssbn" in out and "independent" in out
-    summary = json.loads((tmp_path / "summary.json").read_text())
+    folder = only_child(tmp_path)
+    assert f"results go to {folder}" in out
+    summary = json.loads((folder / "summary.json").read_text())
     assert summary["variants"]["stl"]["delta_m"]["mean"] == pytest.approx(0.0)
-    assert (tmp_path / "summary.md").is_file()
+    assert (folder / "summary.md").is_file()
 
 
 def test_train_eval_and_resume_from_a_config(tmp_path, capsys):
@@ -93,7 +96,7 @@ def test_bench_reports_mean_and_std_over_seeds(tmp_path, capsys):
     assert code == 0
     out = capsys.readouterr().out
     assert "tssbn (α=1)" in out and "tssbn (α=100)" in out and " ± " in out
-    data = json.loads((out_dir / "summary.json").read_text())
+    data = json.loads((only_child(out_dir) / "summary.json").read_text())
     assert data["variants"]["hps"]["seeds"] == [0, 1]
 
 

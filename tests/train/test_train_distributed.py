@@ -71,7 +71,7 @@ def test_two_processes_match_one(tmp_path):
 
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     for method, balancer in CASES:
-        single = Trainer(_config(tmp_path / "single", method, balancer), log=None)
+        single = Trainer(_config(tmp_path / "single" / f"{method}-{balancer}", method, balancer), log=None)
         single.fit()
         expected = single.model.state_dict()
         ranks = [torch.load(tmp_path / f"{method}-{balancer}-rank{r}.pt") for r in range(2)]

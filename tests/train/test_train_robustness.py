@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from train_helpers import toy_config
+from train_helpers import only_child, toy_config
 
 from mtnorm.cli import main
 from mtnorm.train import ConfigError, Trainer
@@ -132,6 +132,7 @@ def test_bench_loss_scales_expands_the_grid_and_reports(tmp_path, capsys):
     )
     assert code == 0
     text = capsys.readouterr().out
+    out = only_child(out)
     assert "mean rel. perf" in text
     data = json.loads((out / "robustness.json").read_text())
     assert data["scales"] == [0.5, 2.0]
@@ -161,6 +162,7 @@ def test_without_baseline_runs_only_the_own_run_table(tmp_path, capsys):
     out = tmp_path / "bench"
     assert main(["bench", str(cfg), "--seeds", "1", "--loss-scales", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
+    out = only_child(out)
     assert "mean rel. perf" in text and "vs unperturbed stl" not in text
     assert "vs unperturbed" not in (out / "robustness.md").read_text()
     assert sorted(p.name for p in out.glob("loss_*")) == ["loss_a_x2", "loss_b_x2"]

@@ -30,3 +30,10 @@ def toy_config(out: Path, **overrides: Any) -> Config:
 
 def params_of(trainer) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+
+def only_child(parent: Path) -> Path:
+    """The one folder that a `mtnorm run` / `bench` invocation created under ``parent``."""
+    children = [p for p in Path(parent).iterdir() if p.is_dir()]
+    assert len(children) == 1, children
+    return children[0]

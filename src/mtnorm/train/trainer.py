@@ -29,6 +29,7 @@ from mtnorm.models.methods import build_method, count_parameters, default_norm_l
 from mtnorm.norm import forward_tasks, param_groups, shared_parameters
 from mtnorm.train import checkpoint as ckpt
 from mtnorm.train import distributed as ddp
+from mtnorm.train import runs
 from mtnorm.train.amp import LossScale, autocast
 from mtnorm.train.benchmarks import Benchmark, get_benchmark
 from mtnorm.train.config import Config, ConfigError, to_dict
@@ -56,6 +57,7 @@ class RunResult:
     seconds: float = 0.0
     out: Path = Path(".")
     checkpoint: Path | None = None
+    signal: int | None = None  # the signal that interrupted the run (SIGINT, SIGTERM), if any
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,27 +87,52 @@ def make_balancer(name: str, tasks: Sequence[str], kwargs: dict[str, Any], seed:
             extras.pop(dropped[0])
 
 
-class _StopFlag:
-    """SIGINT handler: the first Ctrl-C asks for a stop at the next step boundary (so the saved
-    state is never half an optimizer step); a second one interrupts at once."""
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+"""Signals that stop a run at the next step boundary with a checkpoint (Ctrl-C; schedulers,
+``docker stop`` and torchrun send SIGTERM)."""
 
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: Any = None
+
+class _StopFlag:
+    """SIGINT/SIGTERM handler: the first signal asks for a stop at the next step boundary, so the
+    saved state is never half an optimizer step. Later signals are noted and ignored until that
+    checkpoint is written: interrupting the step or the save would lose the consistent state the
+    first signal asked for (SIGKILL still ends the process at once; resume then starts from the
+    last checkpoint)."""
+
+    def __init__(self, log: Callable[[str], None]) -> None:
+        self.signum: int | None = None
+        self._log = log
+        self._previous: dict[int, Any] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
 
     def __enter__(self) -> _StopFlag:
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+            for sig in STOP_SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.requested:
-            raise KeyboardInterrupt
-        self.requested = True
+        if self.signum is None:
+            self.signum = signum
+        else:
+            self._log(f"{signal.Signals(signum).name} received; already stopping, saving the checkpoint")
 
     def __exit__(self, *exc: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def first_nonfinite(module: nn.Module) -> str | None:
+    """The qualified name of the first parameter or buffer of ``module`` holding NaN or inf."""
+    for kind, named in (("parameter", module.named_parameters()), ("buffer", module.named_buffers())):
+        for name, tensor in named:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                return f"{kind} {name!r}"
+    return None
 
 
 class Trainer:
@@ -191,9 +218,28 @@ class Trainer:
         self.reference: dict[str, dict[str, float]] | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.logger: MetricsLogger | None = None
-        self._stop = _StopFlag()
+        self._stop = _StopFlag(self._log)
+        self._saved: dict[str, int] = {}  # checkpoint name -> epoch it was written at (this process)
+        self._check_batch_size()
 
     # ------------------------------------------------------------------ construction
+    def _check_batch_size(self) -> None:
+        """Refuse up front a run whose batches would hold a single sample per task and process.
+
+        Batch statistics of one sample are undefined (PyTorch raises "Expected more than 1 value per
+        channel when training"); a last partial batch of one sample would fail mid-epoch.
+        """
+        n = len(self.train_split)
+        per_process = self.cfg.data.batch_size // self.world.size
+        last = n % self.cfg.data.batch_size
+        if per_process < 2 or last == 1 or n < 2:
+            raise ConfigError(
+                f"data.batch_size={self.cfg.data.batch_size} with {n} training samples"
+                f"{f' on {self.world.size} processes' if self.world.size > 1 else ''} gives a batch of "
+                "one sample, whose batch-norm statistics are undefined; choose a batch size >= 2 per "
+                "process whose last batch (n_train % batch_size) is not 1"
+            )
+
     def _backbone_factory(self, norm: str) -> nn.Module:
         backbone = self.bench.backbone(norm)
         path = self.cfg.model.checkpoint
@@ -272,10 +318,34 @@ class Trainer:
         self.last_metrics = state["metrics"]
 
     def save(self, name: str = "last.pt") -> Path | None:
-        """Write a checkpoint atomically into the run folder (main process only)."""
+        """Write a checkpoint atomically into the run folder (main process only).
+
+        A model holding a non-finite parameter or buffer is never saved (:meth:`check_finite`).
+        """
+        self.check_finite("saving")
         if not self.world.is_main:
             return None
-        return ckpt.save_atomic(self.state_dict(), self.out / name)
+        path = ckpt.save_atomic(self.state_dict(), self.out / name)
+        self._saved[name] = self.epoch
+        return path
+
+    def _last_good(self) -> str:
+        """A truthful sentence on which checkpoint survives in the run folder."""
+        if "last.pt" in self._saved:
+            return f"the last good checkpoint is {self.out / 'last.pt'} (epoch {self._saved['last.pt']})"
+        if (self.out / "last.pt").is_file():
+            return f"the last good checkpoint is {self.out / 'last.pt'} (written before this process)"
+        return f"no checkpoint was written yet in {self.out}"
+
+    def check_finite(self, before: str) -> None:
+        """Raise :class:`TrainingError` naming the first non-finite parameter or buffer."""
+        bad = first_nonfinite(self.model)
+        if bad is not None:
+            raise TrainingError(
+                f"{bad} is not finite after step {self.global_step} (epoch {self.epoch}); stopped before "
+                f"{before}, nothing broken was written; {self._last_good()}. Lower the learning rate "
+                "(optim.lr, optim.norm_lr_mult) or check the data"
+            )
 
     # ------------------------------------------------------------------ training
     def _global_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -306,7 +376,7 @@ class Trainer:
         if bad:
             raise TrainingError(
                 f"non-finite loss for task {', '.join(map(repr, bad))} at step {self.global_step} "
-                f"(epoch {self.epoch}); the last good checkpoint is kept in {self.out}"
+                f"(epoch {self.epoch}); {self._last_good()}"
             )
         if any(w != 1.0 for w in self.loss_weights.values()):  # logged values stay unweighted
             losses = {t: l * self.loss_weights[t] for t, l in losses.items()}
@@ -323,7 +393,9 @@ class Trainer:
                 self.balancer.backward(losses, self.shared)
         except balance.NonFiniteError as e:
             if not self.loss_scale.enabled:
-                raise TrainingError(f"{e} (epoch {self.epoch}, global step {self.global_step})") from None
+                raise TrainingError(
+                    f"{e} (epoch {self.epoch}, global step {self.global_step}); {self._last_good()}"
+                ) from None
             overflow = True
         if self.loss_scale.enabled and not overflow:
             overflow = any(
@@ -338,6 +410,7 @@ class Trainer:
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Metrics ``{task: {name: value}}`` of the current model on the test split (logged)."""
+        self.check_finite("evaluating")
         results, losses = evaluate(
             self.model,
             self.test_split,
@@ -361,9 +434,10 @@ class Trainer:
         if self.reference is None:
             self.reference = results
         try:
-            return metrics.delta_m(results, self.reference, self.lower_is_better)
-        except (ValueError, KeyError):
+            score = metrics.delta_m(results, self.reference, self.lower_is_better)
+        except (ValueError, KeyError, ZeroDivisionError):
             return -math.inf
+        return score if math.isfinite(score) else -math.inf
 
     def _progress(self, total: int, initial: int) -> Any:
         from tqdm.auto import tqdm
@@ -377,43 +451,83 @@ class Trainer:
             leave=False,
         )
 
-    def fit(self, resume: bool | str | Path = False) -> RunResult:
+    def fit(self, resume: bool | str | Path = False, overwrite: bool = False) -> RunResult:
         """Train for ``cfg.epochs`` epochs, evaluating on the test split; returns a :class:`RunResult`.
 
-        ``resume=True`` continues from ``<out>/last.pt`` when it exists (a path picks another
-        checkpoint). Ctrl-C (or a ``KeyboardInterrupt`` from a callback) saves ``last.pt`` and
-        returns with ``status="interrupted"``.
+        The run folder ``cfg.out`` must not hold another run unless ``resume=True`` (continue from
+        ``<out>/last.pt``; a path picks another checkpoint) or ``overwrite=True`` (delete the old
+        run's files first). A resumed run must have the same config except :data:`RESUME_SAFE_KEYS
+        <mtnorm.train.checkpoint.RESUME_SAFE_KEYS>`. SIGINT or SIGTERM (or a ``KeyboardInterrupt``
+        from a callback) stop at the next step boundary, save ``last.pt`` and return with
+        ``status="interrupted"``.
         """
+        lock = runs.RunLock(self.out, self._log) if self.world.is_main else None
+        if lock is not None:
+            if not isinstance(resume, (str, Path)) or isinstance(resume, bool):
+                runs.check_folder(self.out, bool(resume), overwrite)
+            lock.acquire()
+        try:
+            if lock is not None and overwrite:
+                runs.clear_run(self.out)
+            if resume:
+                self._resume(self.out / "last.pt" if isinstance(resume, bool) else Path(resume))
+            return self._fit()
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _resume(self, path: Path) -> None:
+        try:
+            state = ckpt.load(path, self.device)
+        except ckpt.CheckpointError as e:
+            others = [p for p in (self.out / "last.pt", self.out / "best.pt") if p != path and p.is_file()]
+            intact = [str(p) for p in others if ckpt.verify(p) is None]
+            hint = f"; {', '.join(intact)} is intact" if intact else "; no other intact checkpoint here"
+            raise ckpt.CheckpointError(f"{e}{hint}") from None
+        changes = ckpt.config_changes(state.get("config", {}), to_dict(self.cfg))
+        if changes:
+            listed = "; ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
+            raise ConfigError(
+                f"--resume: the config differs from the checkpoint's in keys that change the run ({listed}). "
+                f"Only {', '.join(ckpt.RESUME_SAFE_KEYS)} may change on resume; start a new run (another "
+                "out, or --overwrite) to change the others"
+            )
+        self.load_state_dict(state)
+        if self.world.is_main:
+            _truncate_logs(self.out, self.global_step)
+        self._log(f"resumed from {path} at epoch {self.epoch} batch {self.step_in_epoch}")
+
+    def _fit(self) -> RunResult:
         cfg = self.cfg
-        if resume:
-            path = Path(resume) if not isinstance(resume, bool) else self.out / "last.pt"
-            if path.is_file():
-                self.load_state_dict(ckpt.load(path, self.device))
-                self._log(f"resumed from {path} at epoch {self.epoch} batch {self.step_in_epoch}")
-            else:
-                self._log(f"no checkpoint at {path}; starting from scratch")
         if self.world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.logger = MetricsLogger(self.out, cfg.tensorboard)
         start = time.perf_counter()
         batches = num_batches(len(self.train_split), cfg.data.batch_size)
         status = "finished"
-        with self._stop:
-            try:
-                while self.epoch < cfg.epochs:
-                    self._run_epoch(batches)
-            except KeyboardInterrupt:
-                status = "interrupted"
-        path = self.save()
-        if status == "interrupted":
-            self._log(
-                f"interrupted at epoch {self.epoch} batch {self.step_in_epoch}; checkpoint saved to "
-                f"{path}; continue with --resume"
-            )
-        elif not self.last_metrics:
-            self.last_metrics = self.evaluate()
-        if self.logger is not None:
-            self.logger.close()
+        path: Path | None = None
+        try:
+            with self._stop:
+                try:
+                    while self.epoch < cfg.epochs:
+                        self._run_epoch(batches)
+                except KeyboardInterrupt:
+                    status = "interrupted"
+                    if self._stop.signum is None:
+                        self._stop.signum = signal.SIGINT
+                # the final save runs with the handlers still installed: a second signal cannot
+                # interrupt it
+                path = self.save()
+            if status == "interrupted":
+                self._log(
+                    f"interrupted ({signal.Signals(self._stop.signum).name}) at epoch {self.epoch} batch "
+                    f"{self.step_in_epoch}; checkpoint saved to {path}; continue with --resume"
+                )
+            elif not self.last_metrics:
+                self.last_metrics = self.evaluate()
+        finally:
+            if self.logger is not None:
+                self.logger.close()
         return RunResult(
             status,
             self.epoch,
@@ -423,7 +537,19 @@ class Trainer:
             time.perf_counter() - start,
             self.out,
             path,
+            self._stop.signum if status == "interrupted" else None,
         )
+
+    def _stop_requested(self) -> bool:
+        """Whether any process was asked to stop; under torchrun every rank agrees on the step, so no
+        rank waits in a collective that the others never join."""
+        if not self.world.distributed:
+            return self._stop.requested
+        flag = torch.tensor([float(self._stop.signum or 0)], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() and self._stop.signum is None:
+            self._stop.signum = int(flag.item())
+        return bool(flag.item())
 
     def _run_epoch(self, batches: int) -> None:
         cfg = self.cfg
@@ -432,7 +558,7 @@ class Trainer:
             for b, index in train_batches(
                 self.train_split, cfg.data.batch_size, cfg.seed, self.epoch, self.step_in_epoch
             ):
-                if self._stop.requested:
+                if self._stop_requested():
                     raise KeyboardInterrupt
                 losses = self.train_step(index)
                 self.step_in_epoch = b + 1
@@ -451,7 +577,33 @@ class Trainer:
         if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
             self.last_metrics = self.evaluate()
             score = self._score(self.last_metrics)
-            if score > self.best_score:
-                self.best_score = score
+            # an undefined score (e.g. the F1 of a constant task) ranks lowest, but the first
+            # evaluation always writes best.pt so a finished run has one
+            if score > self.best_score or not (self.out / "best.pt").is_file():
+                self.best_score = max(score, self.best_score)
                 self.save("best.pt")
         self.save()
+
+
+def _truncate_logs(folder: Path, step: int) -> None:
+    """Drop log records written after the checkpoint a run resumes from, so the resumed run's
+    records are not doubled (they are written again as the same steps are trained again)."""
+    import csv
+    import json
+
+    jsonl = folder / "metrics.jsonl"
+    if jsonl.is_file():
+        kept = [line for line in jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        jsonl.write_text("".join(line + "\n" for line in kept))
+    for name in ("train.csv", "eval.csv"):
+        path = folder / name
+        if not path.is_file():
+            continue
+        with open(path, newline="") as f:
+            rows = list(csv.reader(f))
+        if not rows or "step" not in rows[0]:
+            continue
+        col = rows[0].index("step")
+        rows = rows[:1] + [r for r in rows[1:] if int(r[col]) <= step]
+        with open(path, "w", newline="") as f:
+            csv.writer(f).writerows(rows)
