@@ -64,14 +64,9 @@ def _scales(text: str) -> list[float]:
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """``["optim.lr=0.01", "epochs=3"]`` -> dotted overrides with YAML-typed values."""
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise CLIError(f"--set expects KEY=VALUE (e.g. optim.lr=0.01), got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+    from mtnorm.train.config import parse_overrides
+
+    return parse_overrides(pairs)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +168,7 @@ def _report(result: Any, base: dict[str, Any], baseline: str, started: float) ->
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from mtnorm.train.experiment import DEFAULT_METHODS, PRESETS, run_grid
+    from mtnorm.train.experiment import DEFAULT_METHODS, PRESETS, run_grid, variant_config
     from mtnorm.train.runs import fresh_folder
 
     started = time.perf_counter()
@@ -189,6 +184,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.device is not None:
         base["device"] = args.device
     variants = _variants(args.methods or DEFAULT_METHODS, args.alphas)
+    for variant in variants:  # every run's config is checked before the first one trains
+        for seed in args.seeds:
+            variant_config(base, variant, seed, Path("."))
     out = fresh_folder(args.out or f"runs/{args.benchmark}")
     print(
         f"mtnorm run: {args.benchmark}, methods {[v.label for v in variants]}, seeds {args.seeds}, "
@@ -232,14 +230,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from mtnorm.train import load_config, to_dict
-    from mtnorm.train.experiment import run_grid
+    from mtnorm.train.config import validate_names
+    from mtnorm.train.experiment import run_grid, variant_config
     from mtnorm.train.runs import fresh_folder
 
     started = time.perf_counter()
     cfg = load_config(args.config, _overrides(args.overrides))
     base = to_dict(cfg)
     methods = args.methods or [cfg.method]
+    validate_names(methods, baseline=args.baseline)
     variants = _variants(methods, args.alphas)
+    for variant in variants:
+        for seed in args.seeds:
+            variant_config(base, variant, seed, Path("."))
     out = fresh_folder(args.out or f"{cfg.out}-bench")
     print(f"mtnorm bench: results go to {out}")
     result = run_grid(base, variants, args.seeds, out)

@@ -35,7 +35,7 @@ def test_unknown_nested_key_names_its_section():
         ({"data": {"tasks": "left"}}, r"data\.tasks: expected"),
         ({"data": 3}, r"data: expected a mapping"),
         ({"precision": "fp8"}, r"precision: 'fp8' is not one of"),
-        ({"epochs": 0}, r"epochs must be positive"),
+        ({"epochs": 0}, r"epochs: 0 is out of range; expected an integer >= 1"),
         ({"device": "tpu"}, r"device: 'tpu'"),
     ],
 )

@@ -118,8 +118,10 @@ def test_every_method_trains_through_the_same_path(tmp_path, method):
 
 
 def test_unknown_balancer_lists_the_valid_ones(tmp_path):
-    with pytest.raises(KeyError, match="unknown balancing method 'nope'"):
-        Trainer(toy_config(tmp_path, balancer="nope"), log=None)
+    from mtnorm.train import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown balancing method 'nope'.*db_mtl"):
+        toy_config(tmp_path, balancer="nope")  # refused when the config is read, before any data
 
 
 def test_batched_forward_mode_trains(tmp_path):

@@ -13,6 +13,7 @@ import difflib
 import math
 import types
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,30 +201,96 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Co
         raise ConfigError(f"{path}: {e}") from None
 
 
+def _section_fields(dotted_parent: list[str]) -> dict[str, Any] | None:
+    """The field types of the config section at ``dotted_parent`` (None past a non-section key)."""
+    cls: Any = Config
+    for part in dotted_parent:
+        hints = typing.get_type_hints(cls)
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            return None
+        cls = hints[part]
+    return typing.get_type_hints(cls)
+
+
 def set_dotted(values: dict[str, Any], dotted: str, value: Any) -> None:
-    """``values["a"]["b"] = value`` for ``dotted == "a.b"``, creating sections as needed."""
+    """``values["a"]["b"] = value`` for ``dotted == "a.b"``, creating sections as needed.
+
+    The path is checked against the config's sections: an unknown key names the valid ones at
+    that level, and a whole section cannot be replaced by a scalar or null (``--set data=null``
+    would otherwise silently reset every data key to its default). Keys inside free-form mappings
+    (``balancer_kwargs.*``, ``method_kwargs.*``, ``loss_weights.*``) are not checked here.
+    """
     *parents, last = dotted.split(".")
+    if not all(parents + [last]):
+        raise ConfigError(f"--set {dotted}: empty key in the dotted path")
+    fields = _section_fields(parents)
+    if fields is not None:
+        if last not in fields:
+            where = ".".join(parents) or "the config"
+            close = difflib.get_close_matches(last, list(fields), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            valid = ", ".join(fields)
+            raise ConfigError(f"--set {dotted}: unknown key{hint}; valid keys in {where}: {valid}")
+        if dataclasses.is_dataclass(fields[last]) and not isinstance(value, dict):
+            raise ConfigError(
+                f"--set {dotted}={value!r}: {dotted} is a section, not a value; set its keys one by one, "
+                f"e.g. --set {dotted}.{dataclasses.fields(fields[last])[0].name}=..."
+            )
     node = values
-    for part in parents:
-        node = node.setdefault(part, {})
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {dotted}: {'.'.join(parents[: i + 1])} is a value, not a section")
+        node = child
     node[last] = value
 
 
+def _finite(v: float) -> bool:
+    return math.isfinite(v)
+
+
+RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "epochs": (lambda v: v >= 1, "an integer >= 1"),
+    "seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "eval_every": (lambda v: v >= 1, "an integer >= 1 (epochs)"),
+    "log_every": (lambda v: v >= 1, "an integer >= 1 (steps)"),
+    "save_every": (lambda v: v >= 0, "an integer >= 0 (steps; 0 = only at epoch ends)"),
+    "data.n_train": (lambda v: v is None or v >= 2, "null or an integer >= 2"),
+    "data.n_test": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "data.seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),
+    "data.batch_size": (lambda v: v >= 2, "an integer >= 2 (batch statistics need 2 samples)"),
+    "data.eval_batch_size": (lambda v: v >= 1, "an integer >= 1"),
+    "model.width": (lambda v: v >= 1, "an integer >= 1"),
+    "model.hidden": (lambda v: v >= 1, "an integer >= 1"),
+    "model.levels": (lambda v: v >= 1, "an integer >= 1"),
+    "model.max_width": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
+    "optim.lr": (lambda v: _finite(v) and v > 0, "a finite number > 0"),
+    "optim.weight_decay": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "optim.momentum": (lambda v: _finite(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "optim.norm_lr_mult": (lambda v: v is None or (_finite(v) and v >= 0), "null or a finite number >= 0"),
+    "optim.layernorm_lr_mult": (lambda v: _finite(v) and v >= 0, "a finite number >= 0"),
+    "optim.step_size": (lambda v: v >= 1, "an integer >= 1 (epochs)"),
+    "optim.gamma": (lambda v: _finite(v) and 0 < v <= 1, "a number in (0, 1]"),
+}
+"""Every numeric config key and its valid range: one table that :func:`validate` applies and the
+docs list (docs/training.md, "Refused up front")."""
+
+
+def _get(cfg: Config, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def validate(cfg: Config) -> None:
-    """Cross-field checks that a type alone cannot express."""
-    positive = {
-        "epochs": cfg.epochs,
-        "eval_every": cfg.eval_every,
-        "log_every": cfg.log_every,
-        "data.batch_size": cfg.data.batch_size,
-        "data.eval_batch_size": cfg.data.eval_batch_size,
-        "model.width": cfg.model.width,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
-    if cfg.optim.lr <= 0:
-        raise ConfigError(f"optim.lr must be positive, got {cfg.optim.lr}")
+    """Range checks (:data:`RANGES`) and cross-field checks that a type alone cannot express."""
+    for key, (ok, valid) in RANGES.items():
+        value = _get(cfg, key)
+        if not ok(value):
+            raise ConfigError(f"{key}: {value!r} is out of range; expected {valid}")
     for task, weight in cfg.loss_weights.items():
         ok = isinstance(weight, (int, float)) and not isinstance(weight, bool)
         if not ok or not math.isfinite(weight) or weight < 0:
@@ -233,6 +300,46 @@ def validate(cfg: Config) -> None:
         cfg.loss_weights[task] = float(weight)
     if not (cfg.device in ("cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: {cfg.device!r} is not one of 'cpu', 'cuda', 'cuda:N', 'mps'")
+    validate_names(method=cfg.method, balancer=cfg.balancer)
+
+
+def validate_names(
+    method: str | Sequence[str] | None = None,
+    balancer: str | None = None,
+    baseline: str | None = None,
+) -> None:
+    """Check method, balancer and baseline names before anything is built or trained."""
+    from mtnorm import balance
+    from mtnorm.models import available_methods
+
+    methods = available_methods()
+    names = [method] if isinstance(method, str) else list(method or [])
+    for name in names + ([baseline] if baseline is not None else []):
+        if name not in methods:
+            close = difflib.get_close_matches(name, list(methods), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            which = "baseline" if name == baseline and name not in names else "method"
+            raise ConfigError(f"{which}: unknown method {name!r}{hint}; choose one of {sorted(methods)}")
+    if balancer is not None and balancer not in balance.available():
+        known = balance.available()
+        close = difflib.get_close_matches(balancer, known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"balancer: unknown balancing method {balancer!r}{hint}; choose one of {known}")
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """``["optim.lr=0.01", "epochs=3"]`` -> dotted overrides with YAML-typed values."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects KEY=VALUE (e.g. optim.lr=0.01), got {pair!r}")
+        try:
+            out[key.strip()] = yaml.safe_load(value)
+        except yaml.YAMLError as e:
+            reason = str(e).splitlines()[0]
+            raise ConfigError(f"--set {key.strip()}: {value!r} is not valid YAML ({reason})") from None
+    return out
 
 
 def to_dict(cfg: Config) -> dict[str, Any]:
