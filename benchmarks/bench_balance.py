@@ -103,16 +103,24 @@ def external_steps(kind: str, tasks: list[str], batch: int) -> dict[str, Callabl
     try:
         import torchjd
         from torchjd.aggregation import UPGrad
-
+    except ImportError as err:
+        print(f"torchjd:upgrad not compared: torchjd is not installed ({err}); pip install torchjd")
+    else:
         aggregator = UPGrad()
+        if hasattr(torchjd, "jac_to_grad"):
+            # torchjd >= 0.9: backward stores the Jacobian in .jac, jac_to_grad aggregates it
+            def torchjd_step() -> None:
+                torchjd.backward(task_losses(), inputs=shared)
+                torchjd.jac_to_grad(shared, aggregator)
+                opt.step()
 
-        def torchjd_step() -> None:
-            torchjd.backward(task_losses(), aggregator, inputs=shared)
-            opt.step()
+        else:  # the older one-call API: backward(tensors, aggregator, inputs=...)
+
+            def torchjd_step() -> None:
+                torchjd.backward(task_losses(), aggregator, inputs=shared)
+                opt.step()
 
         steps["torchjd:upgrad"] = torchjd_step
-    except ImportError:
-        pass
     try:
         from LibMTL.weighting import DB_MTL
 
@@ -136,15 +144,15 @@ def external_steps(kind: str, tasks: list[str], batch: int) -> dict[str, Callabl
             opt.step()
 
         steps["libmtl:db_mtl"] = libmtl_step
-    except ImportError:
-        pass
+    except ImportError as err:
+        print(f"libmtl:db_mtl not compared: LibMTL is not installed ({err})")
     working = {}
     for name, step in steps.items():
         try:
             step()
             working[name] = step
         except Exception as err:  # an optional comparison must never break the benchmark
-            print(f"skipping {name}: {type(err).__name__}: {err}")
+            print(f"{name} not compared: its step failed ({type(err).__name__}: {err})")
     return working
 
 

@@ -16,6 +16,7 @@ trainer just adds ``balancer.parameters()`` to its optimizer.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -103,6 +104,9 @@ class Balancer(nn.Module):
     #: Whether the method assumes positive losses (ratios, logarithms, products of losses), which
     #: rules out combining it with the log transform.
     positive_losses: bool = False
+    #: Whether a loss <= 0 is refused at run time: the method takes log(l_t) or ratios of losses,
+    #: which a non-positive loss turns into gradient ascent or NaN.
+    requires_positive_losses: bool = False
     #: Names of tensor attributes (or ``None``) holding the method's state, saved in state_dict.
     _state: tuple[str, ...] = ()
 
@@ -123,6 +127,7 @@ class Balancer(nn.Module):
         losses = torch.as_tensor(losses, dtype=grads.dtype, device=grads.device).detach()
         self._check_shapes(grads, losses)
         self._check_finite(losses, "loss")
+        self._check_positive(losses)
         self._check_finite_rows(grads, "gradient")
         out = self.combine(grads.detach(), losses)
         self.step += 1
@@ -163,9 +168,17 @@ class Balancer(nn.Module):
             NonFiniteError: a loss or gradient is NaN/inf; no ``.grad`` has changed.
         """
         names, loss_list = self._bind(losses)
+        for t, loss in zip(names, loss_list):
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"the loss of task {t!r} has no autograd graph (requires_grad=False): it was "
+                    "computed under torch.no_grad() or detached, so backward would write nothing"
+                )
         values = torch.stack([loss.detach().reshape(()) for loss in loss_list])
         self._check_finite(values, "loss")
+        self._check_positive(values)
         shared = _grads.unique(shared)
+        _warn_task_specific(shared)
         mode = _grads.resolve_mode(grad_mode, rep, cheap=not self.requires_grads and not diagnostics)
 
         if mode == "weighted":
@@ -275,6 +288,20 @@ class Balancer(nn.Module):
         if not bool(ok.all()):
             self._raise_nonfinite(what, torch.nonzero(~ok).flatten().tolist())
 
+    def _check_positive(self, values: Tensor) -> None:
+        """Methods built on log(l_t) or loss ratios need l_t > 0; a loss <= 0 would turn their
+        update into gradient ascent, so it is refused instead."""
+        if not self.requires_positive_losses:
+            return
+        bad = torch.nonzero(values <= 0).flatten().tolist()
+        if bad:
+            found = ", ".join(f"{self._task_name(t)} = {float(values[t]):.4g}" for t in bad)
+            raise ValueError(
+                f"{type(self).__name__} needs positive losses (it uses log l_t or loss ratios) but got "
+                f"{found} at step {self.step}; add an offset so every loss stays > 0 "
+                "(e.g. loss + 1 for a loss bounded below by -1), or use a method without this need"
+            )
+
     def _check_finite_rows(self, grads: Tensor, what: str) -> None:
         ok = torch.isfinite(grads).all(dim=1)
         if not bool(ok.all()):
@@ -326,6 +353,19 @@ class LossWeighting(Balancer):
     def combine(self, grads: Tensor, losses: Tensor) -> Combination:
         w = self.loss_weights(losses).to(grads.dtype)
         return Combination(w @ grads, w, w)
+
+
+def _warn_task_specific(shared: Sequence[Tensor]) -> None:
+    """Task-specific parameters (task norms, heads) must not be passed as shared: the method would
+    mix every task's gradient into them instead of giving each its own task's gradient."""
+    count = sum(1 for p in shared if getattr(p, "_mtnorm_task_specific", False))
+    if count:
+        warnings.warn(
+            f"`shared` holds {count} task-specific parameter(s) (task norms or heads): they get the "
+            "combined direction instead of their own task's gradient; pass "
+            "mtnorm.shared_parameters(model)",
+            stacklevel=3,
+        )
 
 
 def _validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:

@@ -44,6 +44,7 @@ class LogLosses(Balancer):
         self.inner = inner
         self.eps = eps
         self.requires_grads = inner.requires_grads
+        self.requires_positive_losses = True  # log(l) of a loss <= 0 turns descent into ascent
 
     def combine(self, grads: Tensor, losses: Tensor) -> Combination:
         scale = 1.0 / (losses + self.eps)
@@ -83,6 +84,7 @@ class MaxNorm(Balancer):
             raise ValueError(f"need 0 <= beta < 1 and sigma >= 0, got beta={beta}, sigma={sigma}")
         super().__init__(inner.tasks)
         self.inner = inner
+        self.requires_positive_losses = inner.requires_positive_losses
         self.beta, self.sigma, self.eps = beta, sigma, eps
         self.ema: Tensor | None = None
         self.k = 0
@@ -101,7 +103,8 @@ class MaxNorm(Balancer):
         # In place: the EMA is as large as G, one pass over it instead of three temporaries.
         self.ema.mul_(beta_k).addcmul_(grads, ((1.0 - beta_k) * w)[:, None])
         norms = self.ema.norm(dim=1)
-        factors = norms.max() / (norms + self.eps)
+        # a task with no gradient (yet) contributes nothing: its factor is 0, not max / eps
+        factors = torch.where(norms > 0, norms.max() / (norms + self.eps), torch.zeros_like(norms))
         return Combination(factors @ self.ema, factors, w)
 
 

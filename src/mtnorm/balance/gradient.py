@@ -260,6 +260,7 @@ class GradNorm(Balancer):
     """
 
     positive_losses = True
+    requires_positive_losses = True
     _state = ("initial_losses",)
 
     def __init__(self, alpha: float = 1.5, tasks: Sequence[str] | None = None) -> None:

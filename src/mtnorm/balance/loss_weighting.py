@@ -89,6 +89,7 @@ class DWA(LossWeighting):
     """
 
     positive_losses = True
+    requires_positive_losses = True
     _state = ("history",)
 
     def __init__(
@@ -144,6 +145,7 @@ class GLS(LossWeighting):
     """
 
     positive_losses = True
+    requires_positive_losses = True
 
     def __init__(self, eps: float = 1e-8, tasks: Sequence[str] | None = None) -> None:
         super().__init__(tasks)
@@ -162,6 +164,7 @@ class LogTransform(LossWeighting):
     """
 
     positive_losses = True
+    requires_positive_losses = True
 
     def __init__(self, eps: float = 1e-8, tasks: Sequence[str] | None = None) -> None:
         super().__init__(tasks)
@@ -185,6 +188,7 @@ class FAMO(LossWeighting):
     """
 
     positive_losses = True
+    requires_positive_losses = True
     _state = ("logits", "adam_m", "adam_v", "prev_losses")
 
     def __init__(

@@ -26,6 +26,12 @@ BATCHED = -1
 
 def validate_tasks(tasks: Sequence[str]) -> tuple[str, ...]:
     """Check a list of task names: non-empty strings, at least one, no duplicates."""
+    if isinstance(tasks, (set, frozenset)):
+        raise TypeError(
+            f"tasks must be an ordered sequence (list or tuple), got a {type(tasks).__name__}: its "
+            "order changes between Python processes, so outputs, checkpoints and rows of G would "
+            f"silently swap tasks; write sorted({sorted(tasks)!r}) or the list in your order"
+        )
     if isinstance(tasks, str):
         raise TypeError(
             f"tasks must be a sequence of task names, got the single string {tasks!r}; "
@@ -67,6 +73,12 @@ class TaskRouted(nn.Module):
         super().__init__()
         self.tasks: tuple[str, ...] = validate_tasks(tasks)
         self.route: int | None = None
+
+    def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
+        # Tagged so that a balancer can warn when task-specific parameters are passed as shared.
+        if param is not None:
+            param._mtnorm_task_specific = True  # type: ignore[attr-defined]
+        super().register_parameter(name, param)
 
     @property
     def num_tasks(self) -> int:
@@ -342,6 +354,8 @@ class TaskHeads(TaskRouted):
     def __init__(self, heads: dict[str, nn.Module]) -> None:
         super().__init__(list(heads))
         self.heads = nn.ModuleDict(heads)
+        for p in self.heads.parameters():
+            p._mtnorm_task_specific = True  # type: ignore[attr-defined]
 
     def forward(self, z: torch.Tensor) -> PerTask:
         route = self.route
