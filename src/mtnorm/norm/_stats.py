@@ -120,9 +120,13 @@ class _NativeChunks(torch.autograd.Function):
         y = torch.empty_like(x)
         xs, ys = x.split(chunks), y.split(chunks)
         stats = []
+        # the kernel keeps the saved statistics in the input's accumulation type: float32 for
+        # bfloat16/float16 inputs (autocast), the input's own dtype otherwise
+        stat_dtype = _accumulation_dtype(x.dtype)
         for t, (xc, yc) in enumerate(zip(xs, ys)):
             rm, rv = running[t]
-            save_mean, save_invstd = x.new_empty(0), x.new_empty(0)
+            save_mean = x.new_empty(0, dtype=stat_dtype)
+            save_invstd = x.new_empty(0, dtype=stat_dtype)
             torch.ops.aten.native_batch_norm.out(
                 xc,
                 None if weight is None else weight[t],
@@ -165,8 +169,9 @@ class _NativeChunks(torch.autograd.Function):
 
         try:
             grad_x = torch.empty_like(x)
-            grad_w = x.new_empty(k, x.shape[1])
-            grad_b = x.new_empty(k, x.shape[1])
+            param_dtype = weight.dtype if weight is not None else _accumulation_dtype(x.dtype)
+            grad_w = x.new_empty(k, x.shape[1], dtype=param_dtype)
+            grad_b = x.new_empty(k, x.shape[1], dtype=param_dtype)
             gxs = grad_x.split(ctx.chunks)
             for t in range(k):
                 torch.ops.aten.native_batch_norm_backward.out(
@@ -188,6 +193,10 @@ class _NativeChunks(torch.autograd.Function):
             grad_b if need_b and ctx.has_bias else None,
             None, None, None, None, None,
         )
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

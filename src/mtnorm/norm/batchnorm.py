@@ -51,6 +51,8 @@ class _TaskBatchNormBase(TaskNorm):
     # Sync and adaptive subclasses compute statistics that are not one chunk's own (across
     # processes, or mixed across tasks), so they cannot use the native kernel.
     _native_single_task = True
+    # batch statistics come from this process's chunk alone (the sync subclasses pool processes)
+    _local_batch_stats = True
 
     def __init__(
         self,
@@ -160,10 +162,79 @@ class _TaskBatchNormBase(TaskNorm):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
+        if self._compile_friendly():
+            return self._forward_compiled(x)
         route = self._require_route()
+        if self.batch_dim != 0 and route == BATCHED:
+            raise ValueError(
+                f"{type(self).__name__} normalizes over dim 0 (N of [N, C, ...]) but the batched pass "
+                f"stacks tasks along dim {self.batch_dim}; use mode='sequential'"
+            )
         if route != BATCHED and self._native_single_task:
             return self._forward_native(x, route)
         return self._forward_chunks(x, route)
+
+    # -- torch.compile ---------------------------------------------------------------------------
+    def _compile_friendly(self) -> bool:
+        """Under ``torch.compile`` TSBN/TSσBN read the task as data (``task_id``), so one graph serves
+        every task. ``momentum=None`` (a cumulative average needs the pass count as a Python
+        number), DW-BN, AdaIN-BN and the sync layers take the eager path: one graph per task."""
+        return (
+            torch.compiler.is_compiling() and self._native_single_task and self.momentum is not None
+        )
+
+    def _forward_compiled(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.routed:
+            self._require_route()  # raises the usual error
+        scale, shift = self.scale(), self.shift()
+        batch_stats = self._uses_batch_stats()
+        update = self.training and self.track_running_stats
+        momentum = self.momentum if batch_stats else 0.0
+        if not self.batched:
+            task = self.task_id.view(1)
+            row = torch.zeros_like(task) if self.share_stats else task
+            w = None if scale is None else scale.index_select(0, task)[0]
+            b = None if shift is None else shift.index_select(0, task)[0]
+            if self.running_mean is None:
+                return F.batch_norm(x, None, None, w, b, True, momentum, self.eps)
+            rm = self.running_mean.index_select(0, row)[0]  # copies, updated by F.batch_norm
+            rv = self.running_var.index_select(0, row)[0]
+            y = F.batch_norm(x, rm, rv, w, b, batch_stats, momentum, self.eps)
+            if update:
+                with torch.no_grad():
+                    self.running_mean.index_copy_(0, row, rm[None])
+                    self.running_var.index_copy_(0, row, rv[None])
+                    self.num_batches_tracked.index_add_(0, row, torch.ones_like(row))
+            return y
+        # batched: the T chunks in task order, each with its task's row, as T passes would run
+        self._check_chunk_size(x, self.num_tasks)
+        _stats.check_chunks(x, self.num_tasks, self.num_features)
+        chunks = x.chunk(self.num_tasks, dim=0)
+        if self.running_mean is None:
+            running = [(None, None)] * self.num_tasks
+        elif self.share_stats:
+            shared = (self.running_mean[0].clone(), self.running_var[0].clone())
+            running = [shared] * self.num_tasks  # updated in place, chunk after chunk
+        else:
+            running = [
+                (self.running_mean[t].clone(), self.running_var[t].clone()) for t in range(self.num_tasks)
+            ]
+        outs = [
+            F.batch_norm(
+                c, rm, rv,
+                None if scale is None else scale[t],
+                None if shift is None else shift[t],
+                batch_stats, momentum, self.eps,
+            )
+            for t, (c, (rm, rv)) in enumerate(zip(chunks, running))
+        ]
+        if update:
+            with torch.no_grad():
+                rows = running[:1] if self.share_stats else running
+                self.running_mean.copy_(torch.stack([rm for rm, _ in rows]))
+                self.running_var.copy_(torch.stack([rv for _, rv in rows]))
+                self.num_batches_tracked.add_(1 if not self.share_stats else self.num_tasks)
+        return torch.cat(outs)
 
     def _params_for(self, route: int) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         scale, shift = self.scale(), self.shift()
@@ -172,7 +243,22 @@ class _TaskBatchNormBase(TaskNorm):
             shift = None if shift is None else shift[route : route + 1]
         return scale, shift
 
+    def _check_chunk_size(self, x: torch.Tensor, chunks: int) -> None:
+        """PyTorch's own check (``F.batch_norm``): batch statistics need more than one value per
+        channel. The batched kernels are called directly, so the check is repeated here per task
+        chunk; without it a chunk of one sample writes NaN into the running variance."""
+        if not (self.training and self._uses_batch_stats() and self._local_batch_stats):
+            return
+        values = (x.shape[0] // chunks) * x[0, 0].numel()
+        if values <= 1:
+            raise ValueError(
+                "Expected more than 1 value per channel when training, got input size "
+                f"{[x.shape[0] // chunks, *x.shape[1:]]} per task ({type(self).__name__}, batched "
+                f"pass of {chunks} tasks); use a per-task batch of at least 2"
+            )
+
     def _forward_chunks(self, x: torch.Tensor, route: int) -> torch.Tensor:
+        self._check_chunk_size(x, self.num_tasks if route == BATCHED else 1)
         if route == BATCHED and self._native_single_task:
             return self._forward_native_chunks(x)
         # the path of the sync and adaptive subclasses (statistics over [K, B, C, L] in one reduction)

@@ -17,6 +17,41 @@ from mtnorm.norm.batchnorm import TaskNorm
 from mtnorm.norm.routing import BATCHED
 
 
+def _batched_affine(
+    y: torch.Tensor,
+    scale: torch.Tensor | None,
+    shift: torch.Tensor | None,
+    tasks: int,
+    batch_dim: int,
+    normalized_dims: int,
+) -> torch.Tensor:
+    """``y * scale[t] + shift[t]`` on task chunk t of ``y`` (chunks along ``batch_dim``), in one
+    fused multiply-add; parameters are ``[T, *normalized_shape]``."""
+    if scale is None and shift is None:
+        return y
+    d = batch_dim % y.dim()
+    if y.shape[d] % tasks:
+        raise ValueError(
+            f"a batched multi-task pass needs a batch divisible by the {tasks} tasks along dim {d}, "
+            f"got shape {tuple(y.shape)}"
+        )
+    ys = y.unflatten(d, (tasks, -1))  # [..., T, B, ..., *normalized_shape]
+    between = ys.dim() - d - 1 - normalized_dims
+    if between < 1:
+        raise ValueError(f"the batch dim {batch_dim} falls inside the normalized dims of {tuple(y.shape)}")
+
+    def view(p: torch.Tensor) -> torch.Tensor:
+        return p.reshape(*([1] * d), tasks, *([1] * between), *p.shape[1:])
+
+    if scale is None:
+        out = ys + view(shift)
+    elif shift is None:
+        out = ys * view(scale)
+    else:
+        out = torch.addcmul(view(shift), ys, view(scale))
+    return out.flatten(d, d + 1)
+
+
 class _TaskLayerNormBase(TaskNorm):
     family = "layer"
 
@@ -45,36 +80,34 @@ class _TaskLayerNormBase(TaskNorm):
                 f"{type(self).__name__} normalizes trailing shape {list(self.normalized_shape)}, "
                 f"got input of shape {tuple(x.shape)}"
             )
-        route = self._require_route()
         scale, shift = self.scale(), self.shift()
-        if route != BATCHED:
-            return F.layer_norm(
-                x,
-                self.normalized_shape,
-                None if scale is None else scale[route],
-                None if shift is None else shift[route],
-                self.eps,
-            )
-        t = self.num_tasks
-        if x.shape[0] % t:
-            raise ValueError(
-                f"a batched multi-task pass needs a batch divisible by the {t} tasks, "
-                f"got batch size {x.shape[0]}"
-            )
-        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
-        if scale is None and shift is None:
-            return y
-        # [T, B*rest, *shape] view; parameters broadcast as [T, 1, *shape]
-        ys = y.reshape(t, -1, *self.normalized_shape)
-        w = scale[:, None] if scale is not None else None
-        b = shift[:, None] if shift is not None else None
-        if w is None:
-            out = ys + b
-        elif b is None:
-            out = ys * w
+        if torch.compiler.is_compiling():
+            # the task as data: one compiled graph serves every task (see TaskRouted)
+            if not self.routed:
+                self._require_route()
+            if not self.batched:
+                task = self.task_id.view(1)
+                return F.layer_norm(
+                    x,
+                    self.normalized_shape,
+                    None if scale is None else scale.index_select(0, task)[0],
+                    None if shift is None else shift.index_select(0, task)[0],
+                    self.eps,
+                )
         else:
-            out = torch.addcmul(b, ys, w)
-        return out.view(x.shape)
+            route = self._require_route()
+            if route != BATCHED:
+                return F.layer_norm(
+                    x,
+                    self.normalized_shape,
+                    None if scale is None else scale[route],
+                    None if shift is None else shift[route],
+                    self.eps,
+                )
+        return _batched_affine(
+            F.layer_norm(x, self.normalized_shape, None, None, self.eps),
+            scale, shift, self.num_tasks, self.batch_dim, len(self.normalized_shape),
+        )
 
     def to_standard(self, task: str) -> nn.Module:
         t = self.task_index(task)

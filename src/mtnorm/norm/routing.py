@@ -14,7 +14,7 @@ one batched pass.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -67,12 +67,39 @@ class TaskRouted(nn.Module):
 
     Subclasses read :attr:`route` in ``forward``: an index into :attr:`tasks`, :data:`BATCHED`,
     or ``None``. They never set it; :func:`use_task` and :func:`forward_tasks` do.
+
+    The route is held twice, for two readers. Eager code reads the Python value :attr:`route`.
+    Code compiled by ``torch.compile`` reads only the two flags ``routed``/``batched`` and the task
+    index as *data*, the non-persistent long buffer ``task_id``: Dynamo guards on Python values it
+    reads but not on buffer contents, so one compiled graph serves every task and ``use_task``
+    never triggers a recompile (at most one more graph for the batched pass). ``batch_dim`` is the
+    dimension a batched pass stacks the task chunks along (``forward_tasks(..., batch_dim=)``).
+    Copies (``copy.deepcopy``, pickling) come out unrouted.
     """
 
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
         self.tasks: tuple[str, ...] = validate_tasks(tasks)
-        self.route: int | None = None
+        self.register_buffer("task_id", torch.zeros((), dtype=torch.long), persistent=False)
+        self.batch_dim = 0
+        self.route = None
+
+    @property
+    def route(self) -> int | None:
+        return self._route
+
+    @route.setter
+    def route(self, value: int | None) -> None:
+        self._route = value
+        self.routed = value is not None
+        self.batched = value == BATCHED
+        with torch.no_grad():  # unrouted and batched leave the index at 0: no stale state
+            self.task_id.fill_(value if self.routed and not self.batched else 0)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        state.update(_route=None, routed=False, batched=False, batch_dim=0)
+        return state
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
         # Tagged so that a balancer can warn when task-specific parameters are passed as shared.
@@ -123,11 +150,20 @@ def tasks_of(model: nn.Module) -> tuple[str, ...]:
     return found.pop()
 
 
-def _set_route(modules: Sequence[TaskRouted], route: int | None) -> list[int | None]:
-    previous = [m.route for m in modules]
+def _set_route(
+    modules: Sequence[TaskRouted], route: int | None, batch_dim: int = 0
+) -> list[tuple[int | None, int]]:
+    previous = [(m.route, m.batch_dim) for m in modules]
     for m in modules:
         m.route = route
+        m.batch_dim = batch_dim
     return previous
+
+
+def _restore_route(modules: Sequence[TaskRouted], previous: list[tuple[int | None, int]]) -> None:
+    for m, (route, batch_dim) in zip(modules, previous):
+        m.route = route
+        m.batch_dim = batch_dim
 
 
 @contextlib.contextmanager
@@ -147,20 +183,19 @@ def use_task(model: nn.Module, task: str) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for m, r in zip(modules, previous):
-            m.route = r
+        _restore_route(modules, previous)
 
 
 @contextlib.contextmanager
-def batched_tasks(model: nn.Module) -> Iterator[nn.Module]:
-    """Inside the block, ``model(x)`` treats ``x`` as T equal chunks along dim 0, one per task."""
+def batched_tasks(model: nn.Module, batch_dim: int = 0) -> Iterator[nn.Module]:
+    """Inside the block, ``model(x)`` treats ``x`` as T equal chunks along ``batch_dim``, one per
+    task."""
     modules = routed_modules(model)
-    previous = _set_route(modules, BATCHED)
+    previous = _set_route(modules, BATCHED, batch_dim)
     try:
         yield model
     finally:
-        for m, r in zip(modules, previous):
-            m.route = r
+        _restore_route(modules, previous)
 
 
 def has_task_norms(model: nn.Module) -> bool:
@@ -169,34 +204,96 @@ def has_task_norms(model: nn.Module) -> bool:
     return any(isinstance(m, TaskNorm) for m in model.modules())
 
 
-def _split_output(out: Any, num_tasks: int, tasks: tuple[str, ...]) -> list[Any]:
-    """Split a batched output along dim 0 into per-task chunks (tensors, tuples, lists, dicts)."""
-    if isinstance(out, torch.Tensor):
-        if out.shape[0] % num_tasks:
-            raise ValueError(
-                f"cannot split an output of batch size {out.shape[0]} into {num_tasks} task chunks"
-            )
-        return list(out.chunk(num_tasks, dim=0))
+def _rebuild(out: Any, values: Any) -> Any:
+    """A container of ``type(out)`` holding ``values``: namedtuples, tuples and lists, and mapping
+    types (OrderedDict, transformers' ``ModelOutput``, which takes its fields as keywords)."""
+    if isinstance(out, tuple) and hasattr(out, "_fields"):
+        return type(out)._make(values)
     if isinstance(out, (tuple, list)):
-        parts = [_split_output(o, num_tasks, tasks) for o in out]
-        return [type(out)(p[t] for p in parts) for t in range(num_tasks)]
-    if isinstance(out, dict):
-        parts = {k: _split_output(v, num_tasks, tasks) for k, v in out.items()}
-        return [{k: v[t] for k, v in parts.items()} for t in range(num_tasks)]
+        return type(out)(values)
+    if type(out) is dict:
+        return dict(values)
+    try:
+        return type(out)(**dict(values))
+    except TypeError:
+        return type(out)(dict(values))
+
+
+def _split_output(out: Any, num_tasks: int, dim: int = 0) -> list[Any]:
+    """Split a batched output along ``dim`` into per-task chunks, keeping container types."""
+    if isinstance(out, torch.Tensor):
+        if out.dim() == 0 or out.shape[dim] % num_tasks:
+            raise ValueError(
+                f"cannot split an output of shape {tuple(out.shape)} into {num_tasks} task chunks "
+                f"along dim {dim}; return mtnorm.PerTask from the model, or use mode='sequential'"
+            )
+        return list(out.chunk(num_tasks, dim=dim))
+    if isinstance(out, (tuple, list)):
+        parts = [_split_output(o, num_tasks, dim) for o in out]
+        return [_rebuild(out, [p[t] for p in parts]) for t in range(num_tasks)]
+    if isinstance(out, Mapping):
+        parts = {k: _split_output(v, num_tasks, dim) for k, v in out.items()}
+        return [_rebuild(out, [(k, v[t]) for k, v in parts.items()]) for t in range(num_tasks)]
+    if out is None:
+        return [None] * num_tasks
     raise TypeError(
         f"forward_tasks cannot split a model output of type {type(out).__name__}; return tensors, "
         "tuples, dicts, or mtnorm.PerTask"
     )
 
 
-def _repeat_input(x: Any, num_tasks: int) -> Any:
+def _repeat_input(x: Any, num_tasks: int, dim: int, batch: int) -> Any:
+    """Repeat every tensor whose size along ``dim`` is the batch size ``batch``, T times along
+    ``dim`` (nested in tuples, lists and dicts); other values (masks that broadcast, scalars,
+    options) pass unchanged."""
     if isinstance(x, torch.Tensor):
-        return x.repeat(num_tasks, *([1] * (x.dim() - 1)))
+        if x.dim() > dim and x.shape[dim] == batch:
+            reps = [1] * x.dim()
+            reps[dim] = num_tasks
+            return x.repeat(*reps)
+        return x
     if isinstance(x, (tuple, list)):
-        return type(x)(_repeat_input(v, num_tasks) for v in x)
-    if isinstance(x, dict):
-        return {k: _repeat_input(v, num_tasks) for k, v in x.items()}
+        return _rebuild(x, [_repeat_input(v, num_tasks, dim, batch) for v in x])
+    if isinstance(x, Mapping):
+        return _rebuild(x, [(k, _repeat_input(v, num_tasks, dim, batch)) for k, v in x.items()])
     return x
+
+
+def sequence_first_modules(model: nn.Module) -> list[str]:
+    """Modules whose batch is not in dim 0 (``batch_first=False``): attention, transformer layers
+    and recurrent layers. ``mode="auto"`` does not batch such a model unless ``batch_dim`` is given."""
+    kinds = (
+        nn.MultiheadAttention,
+        nn.TransformerEncoderLayer,
+        nn.TransformerDecoderLayer,
+        nn.Transformer,
+        nn.RNNBase,
+    )
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, kinds) and not getattr(m, "batch_first", True):
+            found.append(f"{name or '<root>'} ({type(m).__name__})")
+    return found
+
+
+def shared_batch_statistics(model: nn.Module) -> list[str]:
+    """Norm layers that stay shared and normalize with (or track) statistics over the batch in the
+    current mode. In a batched pass they would see all T task chunks at once, so their outputs,
+    gradients and running statistics would differ from T task passes."""
+    from mtnorm.norm.batchnorm import TaskNorm
+
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(m, TaskNorm) or not isinstance(getattr(m, "running_mean", None), torch.Tensor):
+            continue
+        tracks = bool(getattr(m, "track_running_stats", True))
+        is_bn = isinstance(m, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(m).__name__
+        frozen = "Frozen" in type(m).__name__
+        if frozen:
+            continue
+        if (m.training and tracks) or (is_bn and not tracks):
+            found.append(f"{name or '<root>'} ({type(m).__module__}.{type(m).__qualname__})")
+    return found
 
 
 BATCHED_MIN_TASKS = 3
@@ -212,10 +309,18 @@ elements (T·B <= 341 for 3x32x32 images); beyond it the activations of the batc
 large that T passes of batch B were measured faster."""
 
 
-def choose_mode(model: nn.Module, x: Any, num_tasks: int) -> str:
+def choose_mode(model: nn.Module, x: Any, num_tasks: int, batch_dim: int | None = None) -> str:
     """The execution strategy that ``mode="auto"`` picks (see :func:`forward_tasks`).
 
-    Rule on CPU: ``"batched"`` when ``T >= 3``, the per-task batch ``B <= 16`` and the input
+    Correctness first: ``"sequential"`` whenever a batched pass could differ from T task passes or
+    could split the wrong dimension:
+
+    * the model holds a shared norm layer that uses batch statistics in the current mode (an
+      unconverted BatchNorm or subclass in training, :func:`shared_batch_statistics`);
+    * the model holds sequence-first modules (:func:`sequence_first_modules`) and ``batch_dim``
+      was not given, so dim 0 may not be the batch.
+
+    Then speed, on CPU: ``"batched"`` when ``T >= 3``, the per-task batch ``B <= 16`` and the input
     repeated T times has at most ``2**20`` elements (``T * x.numel()``; T·B <= 341 for 3x32x32
     images), otherwise ``"sequential"``.
 
@@ -240,12 +345,16 @@ def choose_mode(model: nn.Module, x: Any, num_tasks: int) -> str:
     CUDA (not measured here), where one large launch beats many small ones, batched from
     ``T >= 4``.
     """
+    if shared_batch_statistics(model):
+        return "sequential"
+    if batch_dim is None and sequence_first_modules(model):
+        return "sequential"
     device = _device_of(model)
     if device.type == "cuda":
         return "batched" if num_tasks >= 4 else "sequential"
     if (
         num_tasks >= BATCHED_MIN_TASKS
-        and _batch_size(x) <= BATCHED_MAX_BATCH
+        and _batch_size(x, batch_dim or 0) <= BATCHED_MAX_BATCH
         and num_tasks * _numel(x) <= BATCHED_MAX_ELEMENTS
     ):
         return "batched"
@@ -256,10 +365,11 @@ def _first_tensor(x: Any) -> torch.Tensor | None:
     """The first tensor in ``x`` (a tensor, or nested tuples, lists, dicts), or None."""
     if isinstance(x, torch.Tensor):
         return x
-    if isinstance(x, (tuple, list)) and x:
-        return _first_tensor(x[0])
-    if isinstance(x, dict) and x:
-        return _first_tensor(next(iter(x.values())))
+    values = x.values() if isinstance(x, Mapping) else x if isinstance(x, (tuple, list)) else ()
+    for v in values:
+        found = _first_tensor(v)
+        if found is not None:
+            return found
     return None
 
 
@@ -268,9 +378,9 @@ def _numel(x: Any) -> int:
     return 1 if t is None else t.numel()
 
 
-def _batch_size(x: Any) -> int:
+def _batch_size(x: Any, dim: int = 0) -> int:
     t = _first_tensor(x)
-    return 1 if t is None or t.dim() == 0 else t.shape[0]
+    return 1 if t is None or t.dim() <= dim else t.shape[dim]
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -281,25 +391,41 @@ def _device_of(model: nn.Module) -> torch.device:
 
 def forward_tasks(
     model: nn.Module,
-    x: Any,
+    *args: Any,
     mode: str = "auto",
     tasks: Sequence[str] | None = None,
+    batch_dim: int | None = None,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """Run every task of ``model`` on input ``x``; returns ``{task: output}``.
+    """Run every task of ``model`` on the same inputs; returns ``{task: output}``.
+
+    ``forward_tasks(model, x)`` calls ``model(x)``; any positional and keyword inputs are passed
+    on (``forward_tasks(bert, input_ids=ids, attention_mask=mask)``). ``mode``, ``tasks`` and
+    ``batch_dim`` are this function's own keywords.
 
     Modes:
 
     * ``"sequential"``: T ``use_task`` passes of batch B, T separate autograd graphs. Each task's
       loss then reaches only its own graph, so per-task gradients cost one ordinary backward.
-    * ``"batched"``: ONE call on the input repeated T times along dim 0; every task-specific norm
-      layer normalizes each task's chunk with that task's statistics and parameters in a single
-      tensor operation. Outputs are split back per task (tensors, tuples, dicts), unless the model
-      returns :class:`PerTask`.
-    * ``"auto"``: whichever :func:`choose_mode` picks.
+    * ``"batched"``: ONE call on the inputs repeated T times along the batch dimension: every
+      tensor argument (positional or keyword, nested in tuples, lists, dicts) whose size along
+      ``batch_dim`` equals the batch size of the first tensor argument is repeated; other values
+      (broadcasting masks, scalars, options) pass unchanged. Every task-specific norm layer
+      normalizes each task's chunk with that task's statistics and parameters. Outputs are split
+      back per task along ``batch_dim``, keeping the model's container types (namedtuples,
+      OrderedDict, transformers' ``ModelOutput``), unless the model returns :class:`PerTask`.
+    * ``"auto"``: whichever :func:`choose_mode` picks; it never batches when a batched pass could
+      differ from T passes (shared batch-statistics layers in training) or when the batch
+      dimension is uncertain (sequence-first modules and no ``batch_dim``).
 
-    All modes give the same outputs, gradients and running-statistic updates as T sequential
-    passes (the one documented exception: DW-BN in training mode, whose batched pass mixes the
-    *batch* statistics of all tasks while a lone task pass mixes in the others' running ones).
+    ``batch_dim``: where the batch is (default 0; e.g. 1 for sequence-first ``[S, N, E]`` inputs
+    of ``nn.TransformerEncoder``). Batch norms always normalize over dim 0, so a batched pass with
+    ``batch_dim != 0`` supports layer norms, RMS norms and heads only.
+
+    Modes agree: outputs, gradients and running-statistic updates are those of T sequential passes
+    (tested). The documented differences (docs/modes.md): DW-BN in training (its batched pass mixes
+    every task's *batch* statistics), and an explicit ``mode="batched"`` on a model with shared
+    batch-statistics layers in training, which is refused with an error naming the layer.
 
     A model without task-specific norm layers (hard parameter sharing with :class:`TaskHeads`)
     runs once and must return a dict keyed by task.
@@ -314,7 +440,7 @@ def forward_tasks(
     run = tuple(tasks) if tasks is not None else all_tasks
 
     if not has_task_norms(model):
-        out = model(x)
+        out = model(*args, **kwargs)
         if not isinstance(out, dict):
             raise TypeError(
                 "a model without task-specific norms must return a dict keyed by task "
@@ -323,20 +449,31 @@ def forward_tasks(
         return {t: out[t] for t in run}
 
     if mode == "auto":
-        mode = choose_mode(model, x, len(run)) if run == all_tasks else "sequential"
+        inputs = (args, kwargs)
+        mode = choose_mode(model, inputs, len(run), batch_dim) if run == all_tasks else "sequential"
     if mode == "sequential":
         outputs = {}
         for task in run:
             with use_task(model, task):
-                out = model(x)
+                out = model(*args, **kwargs)
             outputs[task] = out[task] if isinstance(out, PerTask) else out
         return outputs
     if mode == "batched":
-        with batched_tasks(model):
-            out = model(_repeat_input(x, len(all_tasks)))
+        shared = shared_batch_statistics(model)
+        if shared:
+            raise ValueError(
+                f"mode='batched' would normalize the shared layer {shared[0]} over all tasks' chunks "
+                "at once, so results would differ from task passes; convert that layer (see "
+                "mtnorm.register_norm), call model.eval(), or use mode='sequential' / 'auto'"
+            )
+        dim = batch_dim or 0
+        batch = _batch_size((args, kwargs), dim)
+        t = len(all_tasks)
+        with batched_tasks(model, dim):
+            out = model(*_repeat_input(args, t, dim, batch), **_repeat_input(kwargs, t, dim, batch))
         if isinstance(out, PerTask):
-            return {t: out[t] for t in all_tasks}
-        return dict(zip(all_tasks, _split_output(out, len(all_tasks), all_tasks)))
+            return {task: out[task] for task in all_tasks}
+        return dict(zip(all_tasks, _split_output(out, t, dim)))
     raise ValueError(f"unknown mode {mode!r}; choose 'auto', 'sequential' or 'batched'")
 
 
@@ -358,14 +495,25 @@ class TaskHeads(TaskRouted):
             p._mtnorm_task_specific = True  # type: ignore[attr-defined]
 
     def forward(self, z: torch.Tensor) -> PerTask:
+        if torch.compiler.is_compiling():
+            # choosing a head module is Python control flow on the task: under torch.compile the
+            # heads run eagerly after the (one, task-independent) compiled trunk
+            return self._eager_heads(z)
+        return self._heads(z)
+
+    def _heads(self, z: torch.Tensor) -> PerTask:
         route = self.route
         if route is None:
             return PerTask({t: self.heads[t](z) for t in self.tasks})
         if route == BATCHED:
-            chunks = z.chunk(self.num_tasks, dim=0)
+            chunks = z.chunk(self.num_tasks, dim=self.batch_dim)
             return PerTask({t: self.heads[t](c) for t, c in zip(self.tasks, chunks)})
         task = self.tasks[route]
         return PerTask({task: self.heads[task](z)})
+
+    @torch.compiler.disable
+    def _eager_heads(self, z: torch.Tensor) -> PerTask:
+        return self._heads(z)
 
     def extra_repr(self) -> str:
         return ""

@@ -54,6 +54,8 @@ class _SyncStats:
     """
 
     _native_single_task = False
+    # the statistics pool every process's batch, so one local sample per task can be fine
+    _local_batch_stats = False
     process_group: Any = None
 
     def _batch_moments(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
