@@ -132,8 +132,15 @@ def test_unconverted_norm_types_are_listed_in_one_warning() -> None:
         converted = mtnorm.convert(model, TASKS)
     messages = [str(w.message) for w in caught]
     assert len(messages) == 1
-    for text in ("1 (GroupNorm)", "2 (InstanceNorm2d)", "3 (BatchNormAct)"):
+    for text in (
+        "1 x torch.nn.modules.normalization.GroupNorm (not registered)",
+        "1 x torch.nn.modules.instancenorm.InstanceNorm2d (not registered)",
+        "1 x test_convert.BatchNormAct (subclass of torch.nn.modules.batchnorm.BatchNorm2d with its own "
+        "forward)",
+    ):
         assert text in messages[0]
+    report = str(converted.mtnorm_report)
+    assert "converted 1 x torch.nn.modules.batchnorm.BatchNorm2d -> TaskSigmoidBatchNorm" in report
     assert type(converted[3]) is BatchNormAct and isinstance(converted[4], TaskSigmoidBatchNorm)
 
 

@@ -1,6 +1,6 @@
 """Task-specific normalization: layers, model conversion, routing, extraction."""
 
-from mtnorm.norm.convert import NORMS, convert, inverse_sigmoid
+from mtnorm.norm.convert import NORMS, ConvertReport, convert, inverse_sigmoid
 from mtnorm.norm.extract import extract
 from mtnorm.norm.importance import importance
 from mtnorm.norm.layers import (
@@ -17,6 +17,8 @@ from mtnorm.norm.layers import (
     TaskSyncBatchNorm,
 )
 from mtnorm.norm.optim import param_groups, shared_parameters, task_parameters
+from mtnorm.norm.registry import register_norm
+from mtnorm.norm.rmsnorm import TaskRMSNorm, TaskSigmoidRMSNorm
 from mtnorm.norm.routing import (
     BATCHED,
     PerTask,
@@ -30,12 +32,14 @@ from mtnorm.norm.routing import (
     validate_tasks,
 )
 from mtnorm.norm.sync import convert_sync
+from mtnorm.norm.wrappers import TaskNormWrapper
 
 __all__ = [
     "BATCHED",
     "NORMS",
     "AdaINBatchNorm",
     "AdaINSyncBatchNorm",
+    "ConvertReport",
     "DynamicWeightedBatchNorm",
     "DynamicWeightedSyncBatchNorm",
     "PerTask",
@@ -43,9 +47,12 @@ __all__ = [
     "TaskHeads",
     "TaskLayerNorm",
     "TaskNorm",
+    "TaskNormWrapper",
+    "TaskRMSNorm",
     "TaskRouted",
     "TaskSigmoidBatchNorm",
     "TaskSigmoidLayerNorm",
+    "TaskSigmoidRMSNorm",
     "TaskSigmoidSyncBatchNorm",
     "TaskSyncBatchNorm",
     "batched_tasks",
@@ -57,6 +64,7 @@ __all__ = [
     "importance",
     "inverse_sigmoid",
     "param_groups",
+    "register_norm",
     "shared_parameters",
     "task_parameters",
     "tasks_of",

@@ -119,7 +119,13 @@ class _TaskBatchNormBase(TaskNorm):
                 f"got input of shape {tuple(x.shape)}"
             )
 
+    frozen_stats = False
+    """Always normalize with the running statistics, never update them (converted
+    ``FrozenBatchNorm2d``: detection backbones freeze statistics; the per-task affine still trains)."""
+
     def _uses_batch_stats(self) -> bool:
+        if self.frozen_stats:
+            return False
         return self.training or not self.track_running_stats
 
     def _stat_rows(self, route: int) -> slice:
@@ -162,6 +168,9 @@ class _TaskBatchNormBase(TaskNorm):
     # -- forward -------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input_dim(x)
+        if self.spatial_dims is None and not torch.compiler.is_compiling():
+            # a converted SyncBatchNorm takes any input rank; extract needs the one it saw
+            self.seen_spatial_dims = x.dim() - 2
         if self._compile_friendly():
             return self._forward_compiled(x)
         route = self._require_route()
@@ -188,10 +197,10 @@ class _TaskBatchNormBase(TaskNorm):
             self._require_route()  # raises the usual error
         scale, shift = self.scale(), self.shift()
         batch_stats = self._uses_batch_stats()
-        update = self.training and self.track_running_stats
+        update = self.training and self.track_running_stats and not self.frozen_stats
         momentum = self.momentum if batch_stats else 0.0
         if not self.batched:
-            task = self.task_id.view(1)
+            task = self.task_id.view(1).clone()
             row = torch.zeros_like(task) if self.share_stats else task
             w = None if scale is None else scale.index_select(0, task)[0]
             b = None if shift is None else shift.index_select(0, task)[0]
@@ -297,7 +306,7 @@ class _TaskBatchNormBase(TaskNorm):
         As in ``nn.BatchNorm``, ``momentum=None`` means a cumulative average: factor 1/n.
         """
         momentum = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats:
+        if self.training and self.track_running_stats and not self.frozen_stats:
             self.num_batches_tracked[row].add_(1)
             if self.momentum is None:
                 momentum = 1.0 / float(self.num_batches_tracked[row])
@@ -320,7 +329,14 @@ class _TaskBatchNormBase(TaskNorm):
 
     # -- standard-layer export -----------------------------------------------------------------
     def _standard_bn(self, task: int) -> nn.modules.batchnorm._BatchNorm:
-        cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[self.spatial_dims or 2]
+        dims = self.spatial_dims or getattr(self, "seen_spatial_dims", None)
+        if dims is None:
+            raise ValueError(
+                f"{type(self).__name__} was converted from a SyncBatchNorm, which takes 2-5D inputs, and "
+                "has not seen one yet, so the BatchNorm1d/2d/3d class to extract is unknown; run one "
+                "forward pass first (or convert with spatial_dims)"
+            )
+        cls = {0: nn.BatchNorm1d, 1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}[dims]
         ref = self.scale() if self.scale() is not None else self.running_mean
         bn = cls(
             self.num_features,

@@ -1,8 +1,9 @@
 """``mtnorm.convert``: turn any model's normalization layers into task-specific ones.
 
-Every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` becomes a task batch norm of the chosen
-kind and every ``nn.LayerNorm`` a task layer norm; convolutions, linears and everything else stay
-shared. Pretrained parameters and running statistics are copied into every task's slot.
+Every normalization module of a registered class (:mod:`mtnorm.norm.registry`: torch's batch,
+layer and RMS norms, torchvision's and timm's norm classes, transformers' RMSNorm family) becomes
+its task-specific version; convolutions, linears and everything else stay shared. Pretrained
+parameters and running statistics are copied into every task's slot.
 
 Loading a checkpoint of the *unconverted* model: build the unconverted model, ``load_state_dict``
 it, then ``convert`` — conversion copies the loaded values into every task (this is how pretrained
@@ -12,7 +13,9 @@ backbones are used). A checkpoint of a *converted* model loads into a model conv
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,29 +24,12 @@ from torch import nn
 from mtnorm.norm.adaptive import AdaINBatchNorm, DynamicWeightedBatchNorm
 from mtnorm.norm.batchnorm import TaskBatchNorm, TaskNorm, TaskSigmoidBatchNorm
 from mtnorm.norm.layernorm import TaskLayerNorm, TaskSigmoidLayerNorm
+from mtnorm.norm.registry import ConvertContext, Skip, load_thirdparty, looks_like_norm, qualname, resolve
+from mtnorm.norm.rmsnorm import TaskRMSNorm, TaskSigmoidRMSNorm
 from mtnorm.norm.routing import TaskRouted, validate_tasks
 
 NORMS = ("bn", "sigma", "dw", "adain")
 """The kinds ``convert`` accepts: TSBN, TSσBN, DW-BN, AdaIN-BN."""
-
-_BN_TYPES: dict[type, int | None] = {
-    nn.BatchNorm1d: 1,
-    nn.BatchNorm2d: 2,
-    nn.BatchNorm3d: 3,
-    nn.SyncBatchNorm: None,
-}
-# Norm layers that convert leaves alone but reports, so nothing is silently mishandled.
-_OTHER_NORMS = tuple(
-    t
-    for t in (
-        nn.modules.batchnorm._NormBase,
-        nn.GroupNorm,
-        nn.LayerNorm,
-        nn.LocalResponseNorm,
-        getattr(nn, "RMSNorm", None),  # torch >= 2.4
-    )
-    if t is not None
-)
 
 SIGMOID_CLAMP = 1e-3
 """Pretrained scales are clamped into ``[SIGMOID_CLAMP, 1 - SIGMOID_CLAMP]`` before the logit."""
@@ -73,40 +59,43 @@ def _is_fresh(module: nn.Module) -> bool:
     return nbt is None or int(nbt) == 0
 
 
-def _batch_norm_like(
-    old: nn.modules.batchnorm._BatchNorm,
-    tasks: tuple[str, ...],
-    norm: str,
-    share_stats: bool,
-    shift: bool | None,
-    init: str,
-    report: dict[str, Any],
-    name: str,
-    norm_kwargs: dict[str, Any],
-) -> TaskNorm:
+@dataclass
+class ConvertReport:
+    """What :func:`convert` did, one line per class (``str(report)``); kept on the model as
+    ``model.mtnorm_report``."""
+
+    converted: Counter = field(default_factory=Counter)  # (old class, new class) -> count
+    shared: Counter = field(default_factory=Counter)  # (old class, reason) -> count
+    clamped: list[tuple[str, int, int]] = field(default_factory=list)
+    dropped_bias: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"converted {n} x {old} -> {new}" for (old, new), n in sorted(self.converted.items())]
+        lines += [f"left shared {n} x {old} ({why})" for (old, why), n in sorted(self.shared.items())]
+        return "\n".join(lines) or "nothing to convert"
+
+
+def _factory(ref: torch.Tensor | None) -> dict[str, Any]:
+    return {"device": None if ref is None else ref.device, "dtype": None if ref is None else ref.dtype}
+
+
+def batch_norm_like(old: nn.Module, ctx: ConvertContext, spatial_dims: int | None) -> TaskNorm:
+    """The task batch norm of kind ``ctx.norm`` for a ``BatchNorm``-like module, values copied."""
+    tasks, norm, name = ctx.tasks, ctx.norm, ctx.name or "<root>"
     ref = old.weight if old.weight is not None else old.running_mean
-    factory = {
-        "device": None if ref is None else ref.device,
-        "dtype": None if ref is None else ref.dtype,
-    }
-    common = {
-        "eps": old.eps,
-        "momentum": old.momentum,
-        "spatial_dims": _BN_TYPES[type(old)],
-        **factory,
-    }
+    common = {"eps": old.eps, "momentum": old.momentum, "spatial_dims": spatial_dims, **_factory(ref)}
     t = len(tasks)
     if norm == "sigma":
         new: TaskNorm = TaskSigmoidBatchNorm(
-            old.num_features, tasks, shift=bool(shift),
-            track_running_stats=old.track_running_stats, share_stats=share_stats,
-            **common, **norm_kwargs,
+            old.num_features, tasks, shift=bool(ctx.shift),
+            track_running_stats=old.track_running_stats, share_stats=ctx.share_stats,
+            **common, **ctx.norm_kwargs,
         )
     elif norm == "bn":
         new = TaskBatchNorm(
             old.num_features, tasks, affine=old.affine,
-            track_running_stats=old.track_running_stats, share_stats=share_stats,
-            **common, **norm_kwargs,
+            track_running_stats=old.track_running_stats, share_stats=ctx.share_stats,
+            **common, **ctx.norm_kwargs,
         )
     else:
         if not old.track_running_stats:
@@ -114,10 +103,10 @@ def _batch_norm_like(
                 f"{name}: norm={norm!r} needs running statistics, but this layer was built with "
                 "track_running_stats=False; use norm='bn' or 'sigma'"
             )
-        if share_stats:
+        if ctx.share_stats:
             raise ValueError(f"share_stats applies to norm='bn' and 'sigma', not {norm!r}")
         cls = DynamicWeightedBatchNorm if norm == "dw" else AdaINBatchNorm
-        new = cls(old.num_features, tasks, affine=old.affine, **common, **norm_kwargs)
+        new = cls(old.num_features, tasks, affine=old.affine, **common, **ctx.norm_kwargs)
 
     with torch.no_grad():
         if old.track_running_stats and old.running_mean is not None:
@@ -127,66 +116,83 @@ def _batch_norm_like(
             new.num_batches_tracked.fill_(int(old.num_batches_tracked))
         if old.affine:
             if norm == "sigma":
-                fresh = init == "scratch" or (init == "auto" and _is_fresh(old))
+                fresh = ctx.init == "scratch" or (ctx.init == "auto" and _is_fresh(old))
                 if not fresh:
                     logits, clamped = inverse_sigmoid(old.weight)
                     new.gamma.copy_(logits.expand(t, -1))
-                    if clamped:
-                        report["clamped"].append((name, clamped, old.num_features))
+                    if clamped and ctx.report is not None:
+                        ctx.report.clamped.append((name, clamped, old.num_features))
                 if new.beta is not None:
                     new.beta.copy_(old.bias.expand(t, -1))
-                elif torch.any(old.bias != 0):
-                    report["dropped_bias"].append(name)
+                elif torch.any(old.bias != 0) and ctx.report is not None:
+                    ctx.report.dropped_bias.append(name)
                 new.gamma.requires_grad_(old.weight.requires_grad)
             else:
                 new.weight.copy_(old.weight.expand(t, -1))
                 new.bias.copy_(old.bias.expand(t, -1))
                 new.weight.requires_grad_(old.weight.requires_grad)
                 new.bias.requires_grad_(old.bias.requires_grad)
-    return new
+    return new.train(old.training)
 
 
-def _layer_norm_like(
-    old: nn.LayerNorm,
-    tasks: tuple[str, ...],
-    norm: str,
-    shift: bool | None,
-    init: str,
-    report: dict[str, Any],
-    name: str,
-) -> TaskNorm:
-    ref = old.weight
-    factory = {"device": None if ref is None else ref.device, "dtype": None if ref is None else ref.dtype}
-    t = len(tasks)
-    has_bias = old.bias is not None
-    if norm == "sigma":
-        use_shift = has_bias if shift is None else shift
+def _gate_init(new: TaskNorm, old_weight: torch.Tensor | None, ctx: ConvertContext, old: nn.Module) -> None:
+    if old_weight is None:
+        return
+    fresh = ctx.init == "scratch" or (ctx.init == "auto" and _is_fresh(old))
+    if not fresh:
+        logits, clamped = inverse_sigmoid(old_weight)
+        new.gamma.copy_(logits.expand(len(ctx.tasks), *logits.shape))
+        if clamped and ctx.report is not None:
+            ctx.report.clamped.append((ctx.name or "<root>", clamped, old_weight.numel()))
+
+
+def layer_norm_like(old: nn.Module, ctx: ConvertContext) -> TaskNorm:
+    """The task layer norm (σLN for ``norm="sigma"``) for a ``LayerNorm``-like module."""
+    weight, bias = getattr(old, "weight", None), getattr(old, "bias", None)
+    factory = _factory(weight)
+    t = len(ctx.tasks)
+    has_bias = bias is not None
+    if ctx.norm == "sigma":
+        use_shift = has_bias if ctx.shift is None else ctx.shift
         new: TaskNorm = TaskSigmoidLayerNorm(
-            old.normalized_shape, tasks, eps=old.eps, shift=use_shift, **factory
+            old.normalized_shape, ctx.tasks, eps=old.eps, shift=use_shift, **factory
         )
         with torch.no_grad():
-            if old.weight is not None:
-                fresh = init == "scratch" or (init == "auto" and _is_fresh(old))
-                if not fresh:
-                    logits, clamped = inverse_sigmoid(old.weight)
-                    new.gamma.copy_(logits.expand(t, *logits.shape))
-                    if clamped:
-                        report["clamped"].append((name, clamped, old.weight.numel()))
+            _gate_init(new, weight, ctx, old)
             if new.beta is not None and has_bias:
-                new.beta.copy_(old.bias.expand(t, *old.bias.shape))
-            elif has_bias and torch.any(old.bias != 0):
-                report["dropped_bias"].append(name)
-        return new
+                new.beta.copy_(bias.expand(t, *bias.shape))
+            elif has_bias and torch.any(bias != 0) and ctx.report is not None:
+                ctx.report.dropped_bias.append(ctx.name or "<root>")
+        return new.train(old.training)
     new = TaskLayerNorm(
-        old.normalized_shape, tasks, eps=old.eps,
-        elementwise_affine=old.elementwise_affine, bias=has_bias, **factory,
+        old.normalized_shape, ctx.tasks, eps=old.eps,
+        elementwise_affine=weight is not None, bias=has_bias, **factory,
     )
     with torch.no_grad():
-        if old.weight is not None:
-            new.weight.copy_(old.weight.expand(t, *old.weight.shape))
+        if weight is not None:
+            new.weight.copy_(weight.expand(t, *weight.shape))
         if has_bias:
-            new.bias.copy_(old.bias.expand(t, *old.bias.shape))
-    return new
+            new.bias.copy_(bias.expand(t, *bias.shape))
+    return new.train(old.training)
+
+
+def rms_norm_like(old: nn.Module, ctx: ConvertContext) -> TaskNorm:
+    """The task RMS norm (σRMSNorm for ``norm="sigma"``) for an ``RMSNorm``-like module: torch's
+    and timm's (``normalized_shape``, ``eps``) or transformers' (``weight``, ``variance_epsilon``)."""
+    weight = getattr(old, "weight", None)
+    shape = getattr(old, "normalized_shape", None) or tuple(weight.shape)
+    eps = getattr(old, "eps", getattr(old, "variance_epsilon", None))
+    factory = _factory(weight)
+    if ctx.norm == "sigma":
+        new: TaskNorm = TaskSigmoidRMSNorm(shape, ctx.tasks, eps=eps, **factory)
+        with torch.no_grad():
+            _gate_init(new, weight, ctx, old)
+        return new.train(old.training)
+    new = TaskRMSNorm(shape, ctx.tasks, eps=eps, elementwise_affine=weight is not None, **factory)
+    if weight is not None:
+        with torch.no_grad():
+            new.weight.copy_(weight.expand(len(ctx.tasks), *weight.shape))
+    return new.train(old.training)
 
 
 def convert(
@@ -204,11 +210,12 @@ def convert(
 
     Args:
         model: any ``nn.Module``; the root itself may be a norm layer (then the new layer is
-            returned). Children are replaced in place.
-        tasks: the task names (non-empty, distinct strings).
-        norm: ``"bn"`` (TSBN), ``"sigma"`` (TSσBN / σLN), ``"dw"`` (DW-BN), ``"adain"`` (AdaIN-BN).
-            LayerNorms become :class:`TaskSigmoidLayerNorm` for ``"sigma"`` and
-            :class:`TaskLayerNorm` otherwise.
+            returned). Children are replaced in place; a module reachable under several names
+            becomes one task module, tied in every place.
+        tasks: the task names (a list or tuple of non-empty, distinct strings).
+        norm: ``"bn"`` (TSBN), ``"sigma"`` (TSσBN / σLN / σRMSNorm), ``"dw"`` (DW-BN), ``"adain"``
+            (AdaIN-BN). Layer and RMS norms become their gated version for ``"sigma"`` and their
+            task version otherwise.
         share_stats: keep one running estimate shared by all tasks; only the affine part is
             task-specific (``"bn"`` and ``"sigma"``).
         shift: for ``"sigma"``, whether gates get a per-task shift ``beta``. ``None`` follows the
@@ -217,15 +224,18 @@ def convert(
         init: how ``"sigma"`` initializes ``gamma``: ``"scratch"`` gives 0 (gate 0.5, the paper's
             from-scratch choice), ``"pretrained"`` gives ``logit(weight)`` (see
             :func:`inverse_sigmoid` for scales outside (0, 1)), and ``"auto"`` picks scratch for
-            layers that still hold PyTorch's initial values and pretrained otherwise.
-        layernorm: also convert ``nn.LayerNorm`` layers.
-        norm_kwargs: extra keyword arguments for the new layers (e.g. ``{"self_weight": 0.8}``
-            for DW-BN, ``{"in_weight": 0.2}`` for AdaIN-BN).
+            layers that still hold their initial values and pretrained otherwise.
+        layernorm: also convert layer and RMS norms.
+        norm_kwargs: extra keyword arguments for the new batch-norm layers (e.g.
+            ``{"self_weight": 0.8}`` for DW-BN, ``{"in_weight": 0.2}`` for AdaIN-BN).
+
+    Which classes: see :mod:`mtnorm.norm.registry` (add one with :func:`mtnorm.register_norm`).
+    What was converted and what was left shared is in ``model.mtnorm_report`` (one line per
+    class); norm-like modules left shared are also warned about in one warning. A model in which
+    nothing could be converted is an error that names the norm-like classes it saw.
 
     Guarantee: with ``norm="bn"`` every task of the converted model computes exactly what the
-    original model computed, in eval mode. Norm layers it does not convert (GroupNorm,
-    InstanceNorm, subclasses of BatchNorm/LayerNorm that may add behaviour, ...) are listed in one
-    warning.
+    original model computed, in eval mode.
     """
     names = validate_tasks(tasks)
     if norm not in NORMS:
@@ -242,61 +252,81 @@ def convert(
                 f"the model's {type(m).__name__} has tasks {list(m.tasks)}, "
                 f"but convert was given {list(names)}"
             )
-    report: dict[str, Any] = {"skipped": [], "clamped": [], "dropped_bias": []}
-    kwargs = dict(norm_kwargs or {})
+    load_thirdparty()
+    report = ConvertReport()
+    base = ConvertContext(
+        names, norm, share_stats=share_stats, shift=shift, init=init, layernorm=layernorm,
+        norm_kwargs=dict(norm_kwargs or {}), report=report,
+    )
+    done: dict[int, nn.Module | None] = {}  # id(original) -> its replacement (None: kept)
 
     def replace(module: nn.Module, name: str) -> nn.Module | None:
-        name = name or "<root>"
-        kind = type(module)
-        if kind in _BN_TYPES:
-            new = _batch_norm_like(
-                module, names, norm, share_stats, shift, init, report, name, kwargs
-            )
-        elif kind is nn.LayerNorm and layernorm:
-            new = _layer_norm_like(module, names, norm, shift, init, report, name)
+        if id(module) in done:
+            return done[id(module)]
+        converter, reason = resolve(module)
+        new = None
+        if converter is not None:
+            ctx = ConvertContext(**{**base.__dict__, "name": name or "<root>"})
+            try:
+                new = converter(module, ctx)
+            except Skip as why:
+                reason = str(why)
+        if new is None:
+            if reason:
+                report.shared[(qualname(type(module)), reason)] += 1
         else:
-            if isinstance(module, _OTHER_NORMS) and not (kind is nn.LayerNorm and not layernorm):
-                report["skipped"].append(f"{name} ({kind.__name__})")
-            return None
-        new.train(module.training)
+            report.converted[(qualname(type(module)), type(new).__name__)] += 1
+        done[id(module)] = new
         return new
 
     def walk(module: nn.Module, prefix: str) -> None:
-        for child_name, child in module.named_children():
+        for child_name, child in list(module.named_children()):
             full = f"{prefix}.{child_name}" if prefix else child_name
+            seen = id(child) in done
             new = replace(child, full)
-            if new is None:
-                walk(child, full)
-            else:
+            if new is not None:
                 setattr(module, child_name, new)
+            elif not seen:
+                walk(child, full)
 
     root = replace(model, "")
     if root is None:
         walk(model, "")
     else:
         model = root
+    if not report.converted:
+        seen = sorted({qualname(type(m)) for m in model.modules() if looks_like_norm(m)})
+        listed = ", ".join(seen) if seen else "none"
+        raise ValueError(
+            f"mtnorm.convert found no normalization layer it can convert (norm-like classes seen: "
+            f"{listed}). Register a class with mtnorm.register_norm(cls, converter), e.g. "
+            "mtnorm.register_norm(MyNorm, mtnorm.norm.registry.batch_norm_converter(2)) "
+            "(docs/norm.md); "
+            + "; ".join(f"{old}: {why}" for (old, why) in sorted(report.shared))
+        )
+    model.mtnorm_report = report
     _warn(report, norm)
     return model
 
 
-def _warn(report: dict[str, Any], norm: str) -> None:
-    if report["skipped"]:
+def _warn(report: ConvertReport, norm: str) -> None:
+    if report.shared:
+        lines = [f"{n} x {old} ({why})" for (old, why), n in sorted(report.shared.items())]
         warnings.warn(
-            "mtnorm.convert left these normalization layers shared (types it does not convert; "
-            "replace them with BatchNorm/LayerNorm first if they should be task-specific): "
-            + ", ".join(report["skipped"]),
+            "mtnorm.convert left these normalization layers shared: " + "; ".join(lines)
+            + ". Register a converter with mtnorm.register_norm to make them task-specific",
             stacklevel=3,
         )
-    if report["clamped"]:
-        detail = ", ".join(f"{n} ({c}/{f})" for n, c, f in report["clamped"])
+    if report.clamped:
+        detail = ", ".join(f"{n} ({c}/{f})" for n, c, f in report.clamped)
         warnings.warn(
             f"norm={norm!r}: pretrained scales outside (0, 1) were clamped into "
             f"[{SIGMOID_CLAMP}, {1 - SIGMOID_CLAMP}] before the inverse sigmoid: {detail}",
             stacklevel=3,
         )
-    if report["dropped_bias"]:
+    if report.dropped_bias:
         warnings.warn(
             "norm='sigma' without shift drops these layers' non-zero pretrained bias; pass "
-            "shift=True to keep it: " + ", ".join(report["dropped_bias"]),
+            "shift=True to keep it: " + ", ".join(report.dropped_bias),
             stacklevel=3,
         )

@@ -86,7 +86,7 @@ class _TaskLayerNormBase(TaskNorm):
             if not self.routed:
                 self._require_route()
             if not self.batched:
-                task = self.task_id.view(1)
+                task = self.task_id.view(1).clone()
                 return F.layer_norm(
                     x,
                     self.normalized_shape,

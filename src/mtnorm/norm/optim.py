@@ -7,6 +7,7 @@ from typing import Any
 from torch import nn
 
 from mtnorm.norm.batchnorm import TaskNorm
+from mtnorm.norm.registry import is_norm
 from mtnorm.norm.routing import TaskRouted
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
@@ -74,7 +75,7 @@ def param_groups(
         module = owner[id(p)]
         if isinstance(module, TaskNorm):
             key = "layernorm" if module.family == "layer" else "norm"
-        elif isinstance(module, _NORM_TYPES):
+        elif isinstance(module, _NORM_TYPES) or is_norm(module):
             key = "other_norm"
         else:
             key = "rest"
