@@ -72,14 +72,15 @@ def test_compiled_code_still_refuses_an_unrouted_call():
 
 
 @pytest.mark.slow
-def test_a_batched_training_step_compiles_with_inductor_and_matches_eager():
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+def test_a_training_step_compiles_with_inductor_and_matches_eager(mode):
     torch._dynamo.reset()
     model = net("sigma")
     eager = copy.deepcopy(model)
     x = torch.randn(4, 3, 6, 6)
 
     def step(m):
-        out = mtnorm.forward_tasks(m, x, mode="batched")
+        out = mtnorm.forward_tasks(m, x, mode=mode)
         loss = sum((i + 1) * o.pow(2).mean() for i, o in enumerate(out.values()))
         loss.backward()
         return loss

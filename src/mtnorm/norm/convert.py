@@ -275,6 +275,7 @@ def convert(
             if reason:
                 report.shared[(qualname(type(module)), reason)] += 1
         else:
+            new.train(module.training)
             report.converted[(qualname(type(module)), type(new).__name__)] += 1
         done[id(module)] = new
         return new

@@ -105,9 +105,13 @@ def resolve(module: nn.Module) -> tuple[Converter | None, str]:
 
 
 def looks_like_norm(module: nn.Module) -> bool:
-    """Norm-like by name or by buffers: reported when left shared, never converted by guess."""
-    name = type(module).__name__
-    return "Norm" in name or isinstance(getattr(module, "running_mean", None), torch.Tensor)
+    """Norm-like by buffers, or by name together with an epsilon (so containers such as
+    ``Conv2dNormActivation`` are not mistaken for norms): reported when left shared, never
+    converted by guess."""
+    if isinstance(getattr(module, "running_mean", None), torch.Tensor):
+        return True
+    has_eps = any(isinstance(getattr(module, a, None), float) for a in ("eps", "variance_epsilon"))
+    return "Norm" in type(module).__name__ and has_eps
 
 
 def is_norm(module: nn.Module) -> bool:

@@ -93,8 +93,13 @@ class TaskRouted(nn.Module):
         self._route = value
         self.routed = value is not None
         self.batched = value == BATCHED
-        with torch.no_grad():  # unrouted and batched leave the index at 0: no stale state
-            self.task_id.fill_(value if self.routed and not self.batched else 0)
+        # A new tensor rather than an in-place write: a compiled backward may have saved the
+        # previous one (T task passes, then one backward), and must find it unchanged.
+        index = value if self.routed and not self.batched else 0  # no stale state when unrouted
+        old = self._buffers.get("task_id")
+        self._buffers["task_id"] = torch.full(
+            (), index, dtype=torch.long, device=None if old is None else old.device
+        )
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
