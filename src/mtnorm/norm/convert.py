@@ -281,7 +281,11 @@ def convert(
         return new
 
     def walk(module: nn.Module, prefix: str) -> None:
-        for child_name, child in list(module.named_children()):
+        # _modules, not named_children(): the latter skips a module's second name, and an aliased
+        # norm must be replaced under every name it has
+        for child_name, child in list(module._modules.items()):
+            if child is None:
+                continue
             full = f"{prefix}.{child_name}" if prefix else child_name
             seen = id(child) in done
             new = replace(child, full)
