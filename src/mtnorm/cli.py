@@ -121,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="parent of this invocation's new timestamped folder (<out>-bench)"
     )
 
+    analyze = sub.add_parser("analyze", help="report on trained runs: capacity, relations, specialization")
+    analyze.add_argument("runs", nargs="+", help="run folders (or checkpoints) of trained models")
+    analyze.add_argument("--out", default=None, help="report folder (default: <first run>/analysis)")
+    analyze.add_argument("--prune-k", type=int, default=None, help="filters pruned per task (default 2.5%%)")
+    analyze.add_argument("--no-pruning", action="store_true", help="skip the pruning experiment")
+
     sub.add_parser("methods", help="list the registered methods and balancers")
     return parser
 
@@ -279,6 +285,15 @@ def _robustness(
     print(f"\nwall time {time.perf_counter() - started:.0f}s; results in {path}")
 
 
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from mtnorm.analysis.report import write_report
+
+    out = Path(args.out or Path(args.runs[0]) / "analysis")
+    index = write_report(args.runs, out, args.prune_k, pruning=not args.no_pruning)
+    print(f"report: {index}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from mtnorm import balance
     from mtnorm.models import available_methods
@@ -289,7 +304,14 @@ def cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "train": cmd_train, "eval": cmd_eval, "bench": cmd_bench, "methods": cmd_methods}
+COMMANDS = {
+    "run": cmd_run,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "bench": cmd_bench,
+    "analyze": cmd_analyze,
+    "methods": cmd_methods,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -299,12 +321,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE
+    from mtnorm.analysis.report import AnalysisError
     from mtnorm.data.fashion import FashionMNISTError
     from mtnorm.models.methods import UnknownMethodError
     from mtnorm.train import ConfigError, DataUnavailableError, TrainingError
     from mtnorm.train.checkpoint import CheckpointError
 
     expected = (
+        AnalysisError,
         CLIError,
         CheckpointError,
         ConfigError,

@@ -66,3 +66,11 @@ def capacity_table(split: Mapping[str, Mapping[str, float]]) -> list[list[str]]:
         values = [f"{c[k]:.3f}" for k in ("total", "shared", "independent")]
         rows.append([task, *values, f"{share:.1%}"])
     return rows
+
+
+def capacity_per_layer(
+    layers: Mapping[str, torch.Tensor], tasks: Sequence[str] | None = None
+) -> dict[str, dict[str, dict[str, float]]]:
+    """:func:`capacity_split` of every layer's own importance matrix: where each task's capacity
+    sits and how much of it is shared, layer by layer."""
+    return {name: capacity_split(imp, tasks) for name, imp in layers.items()}
