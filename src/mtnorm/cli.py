@@ -169,6 +169,12 @@ def _report(result: Any, base: dict[str, Any], baseline: str, started: float) ->
                     capacity_table(entry["capacity"]),
                 )
             )
+    tssbn = [r["out"] for label, runs in result.runs.items() for r in runs if r["method"] == "tssbn"]
+    if tssbn:  # what the gates say (paper §5): capacity, relations, specialization, pruning
+        from mtnorm.analysis.report import write_report
+
+        index = write_report(tssbn, Path(folder) / "analysis")
+        print(f"\nanalysis of the TSσBN runs: {index}")
     elapsed = time.perf_counter() - started
     print(f"\nwall time {elapsed:.0f}s; results in {folder}/summary.md and summary.json")
 

@@ -75,6 +75,8 @@ def test_relation_stability_spearman_on_permuted_copies():
     assert relation_stability([sim, flipped]) == pytest.approx(-1.0)
     constant = torch.full((3, 3), 0.5)
     assert relation_stability([constant, constant]) == 1.0  # defined, not NaN
+    with pytest.raises(ValueError, match="at least 3 tasks"):
+        relation_stability([torch.eye(2), torch.eye(2)])
     co = cooccurrence([sim, sim], k=2)
     assert torch.equal(co, co.T) and co.diagonal().tolist() == [1.0] * 5
 
@@ -114,7 +116,7 @@ def test_pruning_hurts_the_task_whose_filters_are_closed():
         out = {}
         for t in ("a", "b"):
             with mtnorm.use_task(m, t):
-                out[t] = float(m(x)[t].abs().mean())
+                out[t] = float(m(x)[t].detach().abs().mean())
         return out
 
     layers = mtnorm.importance(model)
@@ -152,7 +154,7 @@ def test_analyze_writes_a_complete_report_for_tiny_runs(tmp_path, capsys):
     assert main(["analyze", *runs, str(tmp_path / "hps"), "--out", str(out)]) == 0
     assert f"report: {out / 'index.html'}" in capsys.readouterr().out
     data = json.loads((out / "report.json").read_text())
-    assert -1.0 <= data["stability"]["spearman_mean"] <= 1.0
+    assert "stability" not in data  # two tasks: one pair, no ranking to compare
     assert "no task-specific norm layers" in data["runs"][2]["skipped"]
     first = data["runs"][0]
     assert set(first["capacity"]) == {"a", "b"} and "pruning" in first and "gate_histogram" in first

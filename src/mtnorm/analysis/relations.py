@@ -73,10 +73,12 @@ def relation_stability(similarities: Sequence[torch.Tensor]) -> float:
 
     if len(similarities) < 2:
         raise ValueError("relation_stability needs the similarity matrices of at least 2 runs")
+    if similarities[0].shape[0] < 3:
+        raise ValueError("relation_stability needs at least 3 tasks: with 2 there is one pair, no ranking")
     values = []
     for a, b in itertools.combinations(similarities, 2):
         x, y = _upper(a), _upper(b)
-        if len(x) < 2 or np.ptp(x) == 0 or np.ptp(y) == 0:
+        if np.ptp(x) == 0 or np.ptp(y) == 0:
             values.append(1.0 if np.ptp(x) == np.ptp(y) == 0 else 0.0)
             continue
         values.append(float(spearmanr(x, y).statistic))
