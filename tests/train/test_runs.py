@@ -14,28 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from train_helpers import params_of, toy_config
+from train_helpers import params_of, toy_config, toy_yaml
 
 from mtnorm.cli import main
 from mtnorm.train import ConfigError, Trainer, TrainingError
 from mtnorm.train import checkpoint as ckpt
 from mtnorm.train.runs import LOCK_NAME, RunFolderError, RunLock, fresh_folder
-
-
-def toy_yaml(tmp_path: Path, **extra) -> Path:
-    values = {
-        "method": "tssbn",
-        "epochs": 1,
-        "out": str(tmp_path / "run"),
-        "log_every": 1,
-        "data": {"name": "toy", "n_train": 128, "n_test": 64, "batch_size": 32},
-        "model": {"hidden": 16},
-    }
-    values.update(extra)
-    path = tmp_path / "toy.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
 
 
 def flip_byte(path: Path, offset: int) -> None:
@@ -292,9 +276,8 @@ def test_a_signal_stops_at_a_step_boundary_once_even_when_repeated(tmp_path, sig
 
 @pytest.mark.slow
 def test_sigterm_to_the_cli_saves_and_exits_143(tmp_path):
-    path = toy_yaml(
-        tmp_path, epochs=400, data={"name": "toy", "n_train": 256, "n_test": 32, "batch_size": 32}
-    )
+    data = {"name": "toy", "n_train": 256, "n_test": 32, "batch_size": 32}
+    path = toy_yaml(tmp_path, epochs=400, log_every=1, data=data)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mtnorm", "train", str(path)], env=env, stdout=subprocess.PIPE,

@@ -9,8 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import yaml
-from train_helpers import only_child
+from train_helpers import only_child, toy_yaml
 
 from mtnorm.cli import main
 
@@ -34,20 +33,6 @@ def require_fashion() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail("Fashion-MNIST files are missing under CI=true (run `make data`)")
     pytest.skip("Fashion-MNIST files are not installed")
-
-
-def toy_yaml(tmp_path: Path, **extra) -> Path:
-    values = {
-        "method": "tssbn",
-        "epochs": 1,
-        "out": str(tmp_path / "run"),
-        "data": {"name": "toy", "n_train": 128, "n_test": 64, "batch_size": 32},
-        "model": {"hidden": 16},
-    }
-    values.update(extra)
-    path = tmp_path / "toy.yaml"
-    path.write_text(yaml.safe_dump(values))
-    return path
 
 
 def test_run_smoke_prints_the_table_and_capacity(tmp_path, capsys):

@@ -37,3 +37,20 @@ def only_child(parent: Path) -> Path:
     children = [p for p in Path(parent).iterdir() if p.is_dir()]
     assert len(children) == 1, children
     return children[0]
+
+
+def toy_yaml(tmp_path: Path, **extra: Any) -> Path:
+    """A tiny `toy` config file for CLI tests; top-level keys in ``extra`` replace the defaults."""
+    import yaml
+
+    values: dict[str, Any] = {
+        "method": "tssbn",
+        "epochs": 1,
+        "out": str(tmp_path / "run"),
+        "data": {"name": "toy", "n_train": 128, "n_test": 64, "batch_size": 32},
+        "model": {"hidden": 16},
+    }
+    values.update(extra)
+    path = tmp_path / "toy.yaml"
+    path.write_text(yaml.safe_dump(values))
+    return path

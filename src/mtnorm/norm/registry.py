@@ -163,40 +163,34 @@ def norm_act_converter(
     return convert
 
 
-def layer_norm_converter(channels_first: bool = False, exact_type: bool = False) -> Converter:
-    """For ``nn.LayerNorm``-like classes (``normalized_shape, eps, weight, bias``);
-    ``channels_first``: the class normalizes dim 1 of ``[N, C, *S]`` (``LayerNorm2d``)."""
+def _feature_norm_converter(kind: str, channels_first: bool, exact_type: bool) -> Converter:
+    """Layer and RMS norms alike: the task norm itself for torch's own class, else a wrapper that
+    keeps the original (for extract) and, for ``channels_first``, the permutation around it."""
 
     def convert(module: nn.Module, ctx: ConvertContext) -> nn.Module:
-        from mtnorm.norm.convert import layer_norm_like
+        from mtnorm.norm.convert import layer_norm_like, rms_norm_like
         from mtnorm.norm.wrappers import TaskNormWrapper
 
         if not ctx.layernorm:
             raise Skip("layernorm=False")
-        norm = layer_norm_like(module, ctx)
+        norm = (layer_norm_like if kind == "layer" else rms_norm_like)(module, ctx)
         if exact_type and not channels_first:
             return norm
         return TaskNormWrapper(norm, module, channels_first=channels_first)
 
     return convert
+
+
+def layer_norm_converter(channels_first: bool = False, exact_type: bool = False) -> Converter:
+    """For ``nn.LayerNorm``-like classes (``normalized_shape, eps, weight, bias``);
+    ``channels_first``: the class normalizes dim 1 of ``[N, C, *S]`` (``LayerNorm2d``)."""
+    return _feature_norm_converter("layer", channels_first, exact_type)
 
 
 def rms_norm_converter(channels_first: bool = False, exact_type: bool = False) -> Converter:
     """For RMSNorm-like classes: ``nn.RMSNorm`` (``normalized_shape, eps, weight``), timm's
     ``RmsNorm``, and modules with ``weight`` + ``variance_epsilon`` (transformers)."""
-
-    def convert(module: nn.Module, ctx: ConvertContext) -> nn.Module:
-        from mtnorm.norm.convert import rms_norm_like
-        from mtnorm.norm.wrappers import TaskNormWrapper
-
-        if not ctx.layernorm:
-            raise Skip("layernorm=False")
-        norm = rms_norm_like(module, ctx)
-        if exact_type and not channels_first:
-            return norm
-        return TaskNormWrapper(norm, module, channels_first=channels_first)
-
-    return convert
+    return _feature_norm_converter("rms", channels_first, exact_type)
 
 
 def _with_template(new: nn.Module, module: nn.Module) -> nn.Module:
