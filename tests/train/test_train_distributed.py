@@ -83,3 +83,40 @@ def test_two_processes_match_one(tmp_path):
                 torch.testing.assert_close(
                     got[name], value, atol=1e-5, rtol=1e-4, msg=f"{method}/{balancer} {name}"
                 )
+
+
+def _signal_worker(rank: int, world: int, port: int, out: str) -> None:
+    import signal as sig
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch.distributed as dist
+
+    from mtnorm.train import Trainer
+
+    def term_on_rank1(trainer) -> None:  # only one rank is signalled, as a scheduler may do
+        if rank == 1 and trainer.global_step == 2:
+            os.kill(os.getpid(), sig.SIGTERM)
+
+    try:
+        cfg = _config(Path(out) / "run", "tssbn", "ew")
+        result = Trainer(cfg, callbacks=[term_on_rank1], log=None).fit()
+        torch.save({"status": result.status, "step": result.step, "signal": result.signal},
+                   Path(out) / f"result{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """SIGTERM reaches rank 1 only: both ranks stop after the same step (no rank left waiting in a
+    collective), rank 0 saves once, and the checkpoint resumes in one process."""
+    mp.spawn(_signal_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"result{r}.pt") for r in range(2)]
+    assert [r["status"] for r in results] == ["interrupted", "interrupted"]
+    assert results[0]["step"] == results[1]["step"] == 2
+    from mtnorm.train import checkpoint as ckpt
+
+    assert ckpt.load(tmp_path / "run" / "last.pt")["global_step"] == 2
