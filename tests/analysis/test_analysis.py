@@ -169,3 +169,30 @@ def test_analyze_names_a_folder_without_checkpoints(tmp_path, capsys):
 
     assert main(["analyze", str(tmp_path)]) == 2
     assert "no last.pt or best.pt" in capsys.readouterr().err
+
+
+def test_filter_cosines_closed_forms():
+    from mtnorm.analysis.conflict import conflict_summary, filter_cosines
+
+    g_a = [torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])]
+    g_b = [torch.tensor([[0.0, 1.0], [-1.0, -1.0], [1.0, 0.0]])]
+    cos = filter_cosines({"a": g_a, "b": g_b})["a|b"]
+    assert cos == pytest.approx([0.0, -1.0, 0.0])  # orthogonal, opposed, and an unreached filter
+    summary = conflict_summary(cos)
+    assert summary["negative"] == pytest.approx(1 / 3) and sum(summary["counts"]) == 3
+
+
+def test_trainer_records_gradient_conflict_and_the_report_plots_it(tmp_path):
+    from train_helpers import toy_config
+
+    from mtnorm.analysis.report import gradient_conflict
+    from mtnorm.train import Trainer
+
+    cfg = toy_config(tmp_path / "hps", method="hps", epochs=1, conflict_every=2)
+    trainer = Trainer(cfg, log=None)
+    trainer.fit()
+    lines = (tmp_path / "hps" / "conflict.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [0, 2, 4, 6]  # 8 steps, every 2nd
+    summary = gradient_conflict(tmp_path / "hps")
+    assert set(summary["pairs"]) == {"a|b"} and summary["all"]["count"] > 0
+    assert -1.0 <= summary["all"]["mean"] <= 1.0

@@ -261,11 +261,12 @@ def test_a_signal_stops_at_a_step_boundary_once_even_when_repeated(tmp_path, sig
             os.kill(os.getpid(), sig)
             os.kill(os.getpid(), sig)  # a second signal 0 ms later changes nothing
 
+    before = signal.getsignal(sig)
     trainer = Trainer(toy_config(tmp_path / "cut"), callbacks=[send_twice], log=saves.append)
     result = trainer.fit()
     assert result.status == "interrupted" and result.signal == sig and result.step == 3
     assert sum("interrupted" in s for s in saves) == 1
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    assert signal.getsignal(sig) is before  # restored
     resumed = Trainer(toy_config(tmp_path / "cut"), log=None)
     resumed.fit(resume=True)
     full = Trainer(toy_config(tmp_path / "full"), log=None)

@@ -18,6 +18,7 @@ BAD_VALUES = {
     "eval_every": 0,
     "log_every": 0,
     "save_every": -1,
+    "conflict_every": -1,
     "data.n_train": 0,
     "data.n_test": 0,
     "data.seed": 2**32,

@@ -78,10 +78,14 @@ def analyze_run(run: str | Path, prune_k: int | None = None, pruning: bool = Tru
     tasks = list(trainer.tasks)
     model = trainer.model
     out: dict[str, Any] = {"run": str(run), "method": state["config"]["method"], "tasks": tasks}
+    conflict = gradient_conflict(run)
+    if conflict is not None:
+        out["conflict"] = conflict
     if not any(isinstance(m, TaskNorm) for m in model.modules()):
         out["skipped"] = (
             f"method {out['method']!r} has no task-specific norm layers, so {', '.join(NEEDS_TASK_NORMS)} "
-            "are not defined; convert with norm='sigma' (TSσBN) or 'bn' (TSBN)"
+            "are not defined (convert with norm='sigma' or 'bn'); gradient conflict still runs "
+            "(train with conflict_every > 0)"
         )
         return out
     layers = {name: imp.double() for name, imp in importance(model).items()}
@@ -105,6 +109,26 @@ def analyze_run(run: str | Path, prune_k: int | None = None, pruning: bool = Tru
     return out
 
 
+def gradient_conflict(run: str | Path) -> dict[str, Any] | None:
+    """Summary of a run's ``conflict.jsonl`` (``conflict_every`` > 0 in its config), pooled over
+    the recorded steps per task pair; None when the run recorded none."""
+    from mtnorm.analysis.conflict import conflict_summary
+
+    path = Path(run) / "conflict.jsonl"
+    if not path.is_file():
+        return None
+    pooled: dict[str, list[float]] = {}
+    steps = []
+    for line in path.read_text().splitlines():
+        record = json.loads(line)
+        steps.append(record["step"])
+        for pair, values in record["cosines"].items():
+            pooled.setdefault(pair, []).extend(values)
+    every = [v for values in pooled.values() for v in values]
+    return {"steps": steps, "all": conflict_summary(every),
+            "pairs": {pair: conflict_summary(v) for pair, v in pooled.items()}}
+
+
 # --------------------------------------------------------------------------- figures
 
 
@@ -118,6 +142,21 @@ def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, s
 
     tasks = data["tasks"]
     figures: list[tuple[str, str]] = []
+    if "conflict" in data:
+        c = data["conflict"]["all"]
+        edges = np.array(c["edges"])
+        fig, ax = plt.subplots(figsize=(5, 3))
+        ax.bar(edges[:-1], c["counts"], width=np.diff(edges), align="edge", color="tab:red")
+        ax.set_xlabel("cosine of task gradients per shared conv filter")
+        ax.set_ylabel("filters x pairs x steps")
+        ax.set_title(f"{data['method']}: mean {c['mean']:.2f}, {c['negative']:.0%} conflicting", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(folder / f"{prefix}conflict.png", dpi=110)
+        plt.close(fig)
+        figures.append((f"{prefix}conflict.png", "Gradient conflict (Fig. 2 left): cosine similarity between "
+                        "task gradients of each shared convolution filter, over the recorded steps."))
+    if "capacity" not in data:
+        return figures
 
     def save(fig: Any, name: str, caption: str) -> None:
         fig.tight_layout()
@@ -224,9 +263,17 @@ def _html(title: str, sections: list[tuple[str, list[str], list[tuple[str, str]]
 
 
 def _summary_lines(data: dict[str, Any]) -> list[str]:
+    conflict = []
+    if "conflict" in data:
+        c = data["conflict"]["all"]
+        conflict = [
+            f"gradient conflict over {len(data['conflict']['steps'])} recorded steps: mean cosine "
+            f"{c['mean']:.3f} (std {c['std']:.3f}), {c['negative']:.1%} of filter gradients conflicting"
+        ]
     if "skipped" in data:
-        return [data["skipped"]]
-    lines = [f"method {data['method']}, tasks {', '.join(data['tasks'])}; importance: {data['importance']}"]
+        return [data["skipped"], *conflict]
+    head = f"method {data['method']}, tasks {', '.join(data['tasks'])}; importance: {data['importance']}"
+    lines = [*conflict, head]
     for t, c in data["capacity"].items():
         lines.append(
             f"capacity of {t}: C = {c['total']:.3f} "
@@ -250,7 +297,7 @@ def write_report(runs: Sequence[str | Path], out: str | Path, prune_k: int | Non
     results = [analyze_run(r, prune_k, pruning) for r in runs]
     sections = []
     for i, data in enumerate(results):
-        figures = [] if "skipped" in data else _plots(data, out, f"run{i}_")
+        figures = _plots(data, out, f"run{i}_")
         sections.append((f"Run {i}: {data['run']}", _summary_lines(data), figures))
     report: dict[str, Any] = {"runs": results}
     analyzed = [d for d in results if "similarity" in d]

@@ -157,6 +157,7 @@ RESUME_SAFE_KEYS = (
     "log_every",
     "save_every",
     "eval_every",
+    "conflict_every",
     "data.eval_batch_size",
     "data.root",
 )

@@ -85,6 +85,8 @@ class Config:
     eval_every: int = 1  # epochs
     log_every: int = 50  # steps
     save_every: int = 0  # steps between mid-epoch checkpoints; 0 = only at epoch ends
+    # steps between gradient-conflict records (conflict.jsonl, mtnorm.analysis.conflict); 0 = off
+    conflict_every: int = 0
     out: str = "runs/default"
     progress: bool | None = None  # None = only when stderr is a TTY
     tensorboard: bool = False
@@ -257,6 +259,7 @@ RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "eval_every": (lambda v: v >= 1, "an integer >= 1 (epochs)"),
     "log_every": (lambda v: v >= 1, "an integer >= 1 (steps)"),
     "save_every": (lambda v: v >= 0, "an integer >= 0 (steps; 0 = only at epoch ends)"),
+    "conflict_every": (lambda v: v >= 0, "an integer >= 0 (steps; 0 = off)"),
     "data.n_train": (lambda v: v is None or v >= 2, "null or an integer >= 2"),
     "data.n_test": (lambda v: v is None or v >= 1, "null or an integer >= 1"),
     "data.seed": (lambda v: 0 <= v < 2**32, "an integer in [0, 2**32)"),

@@ -22,7 +22,7 @@ from typing import Any
 
 from mtnorm.train.config import ConfigError
 
-RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "train.csv", "eval.csv")
+RUN_FILES = ("last.pt", "best.pt", "metrics.jsonl", "train.csv", "eval.csv", "conflict.jsonl")
 """Files whose presence means a folder already holds a run."""
 
 RUN_DIRS = ("tb",)

@@ -378,6 +378,8 @@ class Trainer:
                 f"non-finite loss for task {', '.join(map(repr, bad))} at step {self.global_step} "
                 f"(epoch {self.epoch}); {self._last_good()}"
             )
+        if cfg.conflict_every and self.global_step % cfg.conflict_every == 0:
+            self._record_conflict(losses)
         if any(w != 1.0 for w in self.loss_weights.values()):  # logged values stay unweighted
             losses = {t: l * self.loss_weights[t] for t, l in losses.items()}
         if self.grad_transform is not None:
@@ -407,6 +409,21 @@ class Trainer:
             self.optimizer.step()
         self.loss_scale.update(overflow)
         return values
+
+    def _record_conflict(self, losses: dict[str, torch.Tensor]) -> None:
+        """Per-filter cosines of the task gradients on the shared convolutions, appended to
+        ``conflict.jsonl`` (main process; extra backward passes only at these steps)."""
+        from mtnorm.analysis.conflict import conv_weights, filter_cosines, task_gradients
+
+        params = conv_weights(self.shared)
+        if not params or not self.world.is_main or len(losses) < 2:
+            return
+        import json
+
+        record = {"step": self.global_step, "epoch": self.epoch}
+        record["cosines"] = filter_cosines(task_gradients(losses, params))
+        with open(self.out / "conflict.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
     def evaluate(self) -> dict[str, dict[str, float]]:
         """Metrics ``{task: {name: value}}`` of the current model on the test split (logged)."""
@@ -591,10 +608,13 @@ def _truncate_logs(folder: Path, step: int) -> None:
     import csv
     import json
 
-    jsonl = folder / "metrics.jsonl"
-    if jsonl.is_file():
-        kept = [line for line in jsonl.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        jsonl.write_text("".join(line + "\n" for line in kept))
+    # metrics.jsonl records a step after it ran (step <= the checkpoint's), conflict.jsonl before
+    for name, keep in (("metrics.jsonl", lambda s: s <= step), ("conflict.jsonl", lambda s: s < step)):
+        jsonl = folder / name
+        if jsonl.is_file():
+            lines = jsonl.read_text().splitlines()
+            kept = [line for line in lines if line and keep(json.loads(line)["step"])]
+            jsonl.write_text("".join(line + "\n" for line in kept))
     for name in ("train.csv", "eval.csv"):
         path = folder / name
         if not path.is_file():
