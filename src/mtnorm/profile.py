@@ -23,10 +23,17 @@ class Profile:
 
 
 def _count(model: nn.Module, example_input: object) -> tuple[int, int]:
+    from mtnorm.norm import TaskRouted, forward_tasks
+
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(example_input)
+        if any(isinstance(m, TaskRouted) for m in model.modules()):
+            # a multi-task model: the FLOPs of producing every task's output (T task passes for
+            # task-specific norms, one pass for hard sharing), as the paper's #F counts them
+            forward_tasks(model, example_input, mode="sequential")
+        else:
+            model(example_input)
     return params, counter.get_total_flops()
 
 

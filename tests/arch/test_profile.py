@@ -13,3 +13,16 @@ def test_profile_matches_hand_count_on_two_linear_layers():
     assert result.flops == 180
     assert result.params_ratio == 23 / 10
     assert result.flops_ratio == 180 / (2 * 5 * 4 * 2)
+
+
+def test_profile_of_a_converted_model_counts_every_task_pass():
+    import mtnorm
+
+    import copy
+
+    net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).eval()
+    single = profile(net, torch.randn(5, 4))
+    tsbn = mtnorm.convert(copy.deepcopy(net), ["a", "b", "c"], norm="bn").eval()
+    multi = profile(tsbn, torch.randn(5, 4), baseline=net)
+    assert multi.params == single.params + 2 * 2 * 3  # two more tasks' weight and bias rows
+    assert multi.flops == 3 * single.flops and multi.flops_ratio == 3.0
