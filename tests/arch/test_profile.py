@@ -16,9 +16,9 @@ def test_profile_matches_hand_count_on_two_linear_layers():
 
 
 def test_profile_of_a_converted_model_counts_every_task_pass():
-    import mtnorm
-
     import copy
+
+    import mtnorm
 
     net = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)).eval()
     single = profile(net, torch.randn(5, 4))
