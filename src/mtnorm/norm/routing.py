@@ -291,11 +291,10 @@ def shared_batch_statistics(model: nn.Module) -> list[str]:
     for name, m in model.named_modules():
         if isinstance(m, TaskNorm) or not isinstance(getattr(m, "running_mean", None), torch.Tensor):
             continue
+        if not hasattr(m, "momentum"):
+            continue  # running statistics but no momentum: frozen (FrozenBatchNorm2d), batch-free
         tracks = bool(getattr(m, "track_running_stats", True))
-        is_bn = isinstance(m, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(m).__name__
-        frozen = "Frozen" in type(m).__name__
-        if frozen:
-            continue
+        is_bn = isinstance(m, nn.modules.batchnorm._BatchNorm)
         if (m.training and tracks) or (is_bn and not tracks):
             found.append(f"{name or '<root>'} ({type(m).__module__}.{type(m).__qualname__})")
     return found
