@@ -80,7 +80,9 @@ class TaskRouted(nn.Module):
     def __init__(self, tasks: Sequence[str]) -> None:
         super().__init__()
         self.tasks: tuple[str, ...] = validate_tasks(tasks)
-        self.register_buffer("task_id", torch.zeros((), dtype=torch.long), persistent=False)
+        # every task's index once, so a route change selects a view instead of allocating
+        self.register_buffer("task_ids", torch.arange(len(self.tasks)), persistent=False)
+        self.register_buffer("task_id", self.task_ids[0], persistent=False)
         self.batch_dim = 0
         self.route = None
 
@@ -96,10 +98,8 @@ class TaskRouted(nn.Module):
         # A new tensor rather than an in-place write: a compiled backward may have saved the
         # previous one (T task passes, then one backward), and must find it unchanged.
         index = value if self.routed and not self.batched else 0  # no stale state when unrouted
-        old = self._buffers.get("task_id")
-        self._buffers["task_id"] = torch.full(
-            (), index, dtype=torch.long, device=None if old is None else old.device
-        )
+        if "task_ids" in self._buffers:
+            self._buffers["task_id"] = self._buffers["task_ids"][index]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
