@@ -92,18 +92,26 @@ class TaskRouted(nn.Module):
 
     @route.setter
     def route(self, value: int | None) -> None:
-        self._route = value
-        self.routed = value is not None
-        self.batched = value == BATCHED
-        # A new tensor rather than an in-place write: a compiled backward may have saved the
-        # previous one (T task passes, then one backward), and must find it unchanged.
-        index = value if self.routed and not self.batched else 0  # no stale state when unrouted
-        if "task_ids" in self._buffers:
-            self._buffers["task_id"] = self._buffers["task_ids"][index]
+        # plain attributes written to __dict__ directly: use_task sets them on every routed module
+        # for every task pass, and nn.Module.__setattr__'s checks cost more than the write
+        state = self.__dict__
+        routed, batched = value is not None, value == BATCHED
+        state.update(_route=value, routed=routed, batched=batched)
+        # Another tensor rather than an in-place write: a compiled backward may have saved the
+        # previous one (T task passes, then one backward), and must find it unchanged. One view
+        # per task, made once per index buffer (a .to() replaces the buffer and so the views).
+        ids = self._buffers.get("task_ids")
+        if ids is None:
+            return
+        views = state.get("_task_id_views")
+        if views is None or views[0] is not ids:
+            views = state["_task_id_views"] = (ids, ids.unbind(0))
+        self._buffers["task_id"] = views[1][value if routed and not batched else 0]
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(super().__getstate__())
         state.update(_route=None, routed=False, batched=False, batch_dim=0)
+        state.pop("_task_id_views", None)
         return state
 
     def register_parameter(self, name: str, param: nn.Parameter | None) -> None:
