@@ -28,16 +28,26 @@ class BackboneFactory(Protocol):
 MethodBuilder = Callable[..., nn.Module]
 _METHODS: dict[str, MethodBuilder] = {}
 _DESCRIPTIONS: dict[str, str] = {}
+_NEEDS_EXAMPLE: set[str] = set()
 
 
-def register_method(name: str, description: str = "") -> Callable[[MethodBuilder], MethodBuilder]:
-    """Decorator adding a builder to the registry under ``name`` (lower case, unique)."""
+def register_method(
+    name: str, description: str = "", *, needs_example_input: bool = False
+) -> Callable[[MethodBuilder], MethodBuilder]:
+    """Decorator adding a builder to the registry under ``name`` (lower case, unique).
+
+    ``needs_example_input=True``: the builder sizes its modules from the backbone's stage shapes
+    and takes a keyword ``example_input`` (a small batch of inputs), which :func:`build_method`
+    requires and passes on.
+    """
 
     def add(fn: MethodBuilder) -> MethodBuilder:
         if name in _METHODS:
             raise ValueError(f"method {name!r} is already registered")
         _METHODS[name] = fn
         _DESCRIPTIONS[name] = description or (fn.__doc__ or "").strip().splitlines()[0]
+        if needs_example_input:
+            _NEEDS_EXAMPLE.add(name)
         return fn
 
     return add
@@ -60,12 +70,16 @@ def build_method(
     backbone_factory: BackboneFactory,
     tasks: Sequence[str],
     heads: Mapping[str, nn.Module],
+    *,
+    example_input: torch.Tensor | None = None,
     **options: Any,
 ) -> nn.Module:
     """Build method ``name`` on a backbone and per-task heads.
 
     The result runs through :func:`mtnorm.forward_tasks`; its task-specific parameters are those
     of :func:`mtnorm.task_parameters` (the heads and task norms; for STL, everything).
+    ``example_input`` (a small batch, e.g. two training inputs) sizes the modules of the
+    architectures that sit between backbone stages (Cross-Stitch, MTAN, ...); others ignore it.
     """
     if name not in _METHODS:
         raise UnknownMethodError(f"unknown method {name!r}; choose one of {sorted(_METHODS)}")
@@ -73,6 +87,13 @@ def build_method(
     missing = [t for t in tasks if t not in heads]
     if missing:
         raise ValueError(f"no head for tasks {missing}; heads were given for {list(heads)}")
+    if name in _NEEDS_EXAMPLE:
+        if example_input is None:
+            raise ValueError(
+                f"method {name!r} sizes its modules from the backbone's stage outputs: pass "
+                "example_input=<a batch of two inputs> to build_method"
+            )
+        options["example_input"] = example_input
     return _METHODS[name](backbone_factory, tasks, {t: heads[t] for t in tasks}, **options)
 
 
@@ -159,8 +180,14 @@ DEFAULT_NORM_LR_MULT: dict[str, float] = {"tssbn": 100.0}
 """α per method when the config leaves it unset: the paper's 100 for TSσBN, 1 for the rest."""
 
 
-def default_norm_lr_mult(method: str) -> float:
-    """The learning-rate multiplier α of the task-specific norm parameters for ``method``."""
+def default_norm_lr_mult(method: str, method_kwargs: Mapping[str, Any] | None = None) -> float:
+    """The learning-rate multiplier α of the task-specific norm parameters for ``method``.
+
+    An architecture whose shared BatchNorms are converted to TSσBN (``method_kwargs`` holding
+    ``norm: sigma``, e.g. MTAN + TSσBN) gets TSσBN's α too.
+    """
+    if method_kwargs and method_kwargs.get("norm") == "sigma":
+        return DEFAULT_NORM_LR_MULT["tssbn"]
     return DEFAULT_NORM_LR_MULT.get(method, 1.0)
 
 

@@ -64,6 +64,17 @@ class ResNet50(nn.Module):
             setattr(self, f"layer{i}", nn.Sequential(*layers))
         self.out_channels = cin
 
+    def stages(self) -> list:
+        """Stem (conv, norm, ReLU, max-pool), then layer1..layer4: five stages for :mod:`mtnorm.arch`."""
+
+        def stem(x: torch.Tensor, carry: dict) -> torch.Tensor:
+            return self.maxpool(self.relu(self.bn1(self.conv1(x))))
+
+        def layer(module: nn.Module):
+            return lambda x, carry: module(x)
+
+        return [stem, *(layer(getattr(self, f"layer{i}")) for i in range(1, 5))]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))

@@ -56,18 +56,38 @@ class SegNet(nn.Module):
         self.levels = levels
         self.out_channels = chans[0]
 
+    def stages(self) -> list:
+        """Stem, each encoder level (ending in max-pooling), each decoder level (starting with
+        max-unpooling): ``1 + 2 * levels`` stages for :mod:`mtnorm.arch`. The pooling indices and
+        sizes travel in the carry, last in first out."""
+
+        def stem(x: torch.Tensor, carry: dict) -> torch.Tensor:
+            carry["indices"], carry["sizes"] = [], []
+            return self.stem(x)
+
+        def down(block: nn.Module):
+            def stage(x: torch.Tensor, carry: dict) -> torch.Tensor:
+                x = block(x)
+                carry["sizes"].append(x.shape[-2:])
+                x, idx = F.max_pool2d(x, 2, return_indices=True)
+                carry["indices"].append(idx)
+                return x
+
+            return stage
+
+        def up(block: nn.Module):
+            def stage(x: torch.Tensor, carry: dict) -> torch.Tensor:
+                x = F.max_unpool2d(x, carry["indices"].pop(), 2, output_size=carry["sizes"].pop())
+                return block(x)
+
+            return stage
+
+        return [stem, *(down(b) for b in self.down), *(up(b) for b in self.up)]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        indices, sizes = [], []
-        for block in self.down:
-            x = block(x)
-            sizes.append(x.shape[-2:])
-            x, idx = F.max_pool2d(x, 2, return_indices=True)
-            indices.append(idx)
-        for block in self.up:
-            x = F.max_unpool2d(x, indices.pop(), 2, output_size=sizes.pop())
-            x = block(x)
-        return x
+        from mtnorm.arch.stages import run_stages
+
+        return run_stages(self.stages(), x)
 
 
 class DenseHead(nn.Module):

@@ -176,7 +176,12 @@ class Trainer:
         self.lower_is_better = metrics.lower_is_better_names([s.metric() for s in self.specs.values()])
 
         self.model = build_method(
-            cfg.method, self._backbone_factory, self.tasks, self.bench.heads(), **cfg.method_kwargs
+            cfg.method,
+            self._backbone_factory,
+            self.tasks,
+            self.bench.heads(),
+            example_input=self._example_input(),
+            **cfg.method_kwargs,
         ).to(self.device)
         if self.world.distributed:
             self.model = ddp.prepare_model(self.model, self.device)
@@ -240,6 +245,10 @@ class Trainer:
                 "process whose last batch (n_train % batch_size) is not 1"
             )
 
+    def _example_input(self) -> torch.Tensor:
+        """Two training inputs, which size the modules of stage-wise architectures (build_method)."""
+        return take(self.train_split, torch.arange(min(2, len(self.train_split))), torch.device("cpu"))[0]
+
     def _backbone_factory(self, norm: str) -> nn.Module:
         backbone = self.bench.backbone(norm)
         path = self.cfg.model.checkpoint
@@ -254,7 +263,9 @@ class Trainer:
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
         o = self.cfg.optim
-        alpha = o.norm_lr_mult if o.norm_lr_mult is not None else default_norm_lr_mult(self.cfg.method)
+        alpha = o.norm_lr_mult
+        if alpha is None:
+            alpha = default_norm_lr_mult(self.cfg.method, self.cfg.method_kwargs)
         groups = param_groups(
             self.model,
             o.lr,

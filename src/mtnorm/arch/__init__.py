@@ -1,0 +1,7 @@
+"""Multi-task architectures beside hard sharing: soft sharing (Cross-Stitch, MTAN), experts (MMoE,
+CGC, PLE, DSelect-k) and learned branching (LTB), each on any backbone cut into stages
+(:mod:`mtnorm.arch.stages`), each registered as a method of :func:`mtnorm.models.build_method`."""
+
+from mtnorm.arch.stages import Stage, run_stages, stage_shapes, stages_of
+
+__all__ = ["Stage", "run_stages", "stage_shapes", "stages_of"]
