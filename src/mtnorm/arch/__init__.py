@@ -2,6 +2,9 @@
 CGC, PLE, DSelect-k) and learned branching (LTB), each on any backbone cut into stages
 (:mod:`mtnorm.arch.stages`), each registered as a method of :func:`mtnorm.models.build_method`."""
 
+from mtnorm.arch.base import Architecture, TaskModules, active_tasks
 from mtnorm.arch.stages import Stage, run_stages, stage_shapes, stages_of
 
-__all__ = ["Stage", "run_stages", "stage_shapes", "stages_of"]
+# architectures (each module registers its methods on import)
+
+__all__ = ["Architecture", "Stage", "TaskModules", "active_tasks", "run_stages", "stage_shapes", "stages_of"]

@@ -53,8 +53,14 @@ def register_method(
     return add
 
 
+def _load_architectures() -> None:
+    """Register the architectures of :mod:`mtnorm.arch` (they import this module, so not at the top)."""
+    import mtnorm.arch  # noqa: F401
+
+
 def available_methods() -> dict[str, str]:
     """``{name: one-line description}`` of every registered method."""
+    _load_architectures()
     return dict(_DESCRIPTIONS)
 
 
@@ -81,6 +87,7 @@ def build_method(
     ``example_input`` (a small batch, e.g. two training inputs) sizes the modules of the
     architectures that sit between backbone stages (Cross-Stitch, MTAN, ...); others ignore it.
     """
+    _load_architectures()
     if name not in _METHODS:
         raise UnknownMethodError(f"unknown method {name!r}; choose one of {sorted(_METHODS)}")
     tasks = validate_tasks(tasks)

@@ -332,6 +332,8 @@ def choose_mode(model: nn.Module, x: Any, num_tasks: int, batch_dim: int | None 
     * the model holds sequence-first modules (:func:`sequence_first_modules`) and ``batch_dim``
       was not given, so dim 0 may not be the batch.
 
+    * a module declares ``mtnorm_batched = False`` (the architectures of :mod:`mtnorm.arch`).
+
     Then speed, on CPU: ``"batched"`` when ``T >= 3``, the per-task batch ``B <= 16`` and the input
     repeated T times has at most ``2**20`` elements (``T * x.numel()``; T·B <= 341 for 3x32x32
     images), otherwise ``"sequential"``.
@@ -359,6 +361,8 @@ def choose_mode(model: nn.Module, x: Any, num_tasks: int, batch_dim: int | None 
     """
     if shared_batch_statistics(model):
         return "sequential"
+    if any(getattr(m, "mtnorm_batched", True) is False for m in model.modules()):
+        return "sequential"  # a module that computes its tasks jointly (mtnorm.arch)
     if batch_dim is None and sequence_first_modules(model):
         return "sequential"
     device = _device_of(model)
