@@ -160,7 +160,9 @@ def test_analyze_writes_a_complete_report_for_tiny_runs(tmp_path, capsys):
     assert set(first["capacity"]) == {"a", "b"} and "pruning" in first and "gate_histogram" in first
     parser = _Tags()
     parser.feed((out / "index.html").read_text())
-    assert len(parser.images) == 2 * 5
+    per_run = ("capacity", "relations", "specialization", "gates", "gates_per_layer", "pruning")
+    expected = {"compare_gates.png"} | {f"run{i}_{name}.png" for i in (0, 1) for name in per_run}
+    assert set(parser.images) == expected  # no conflict records: no conflict figures
     assert all((out / src).is_file() and (out / src).stat().st_size > 1000 for src in parser.images)
 
 
@@ -196,3 +198,33 @@ def test_trainer_records_gradient_conflict_and_the_report_plots_it(tmp_path):
     summary = gradient_conflict(tmp_path / "hps")
     assert set(summary["pairs"]) == {"a|b"} and summary["all"]["count"] > 0
     assert -1.0 <= summary["all"]["mean"] <= 1.0
+
+
+def test_report_compares_runs_and_measures_stability_within_one_configuration(tmp_path):
+    from train_helpers import toy_config
+
+    from mtnorm.analysis.report import write_report
+    from mtnorm.train import Trainer
+
+    three = {"tasks": ["a", "b", "c"]}
+    runs = []
+    for name, overrides in {
+        "s0": {"seed": 0}, "s1": {"seed": 1}, "s2": {"seed": 2},
+        "alpha10": {"seed": 0, "optim": {"norm_lr_mult": 10.0}},
+        "hps": {"method": "hps"},
+    }.items():
+        Trainer(toy_config(tmp_path / name, data=three, conflict_every=3, **overrides), log=None).fit()
+        runs.append(tmp_path / name)
+    index = write_report(runs, tmp_path / "report", pruning=False)
+    data = json.loads((tmp_path / "report" / "report.json").read_text())
+    # only the three seeds of α = 100 form a group: the α = 10 run and HPS stand alone
+    (label, group), = data["stability"].items()
+    assert group["seeds"] == [0, 1, 2] and group["alpha"] == 100.0 and "(α=100)" in label
+    assert -1.0 <= group["spearman_mean"] <= 1.0
+    co = torch.tensor(group["cooccurrence"])
+    assert torch.equal(co.diagonal(), torch.ones(3)) and torch.equal(co, co.T)
+    assert [r["alpha"] for r in data["runs"]] == [100.0, 100.0, 100.0, 10.0, 1.0]
+    parser = _Tags()
+    parser.feed(index.read_text())
+    assert {"compare_conflict.png", "compare_gates.png", "stability0.png"} <= set(parser.images)
+    assert "hps seed 0" in index.read_text()

@@ -77,7 +77,14 @@ def analyze_run(run: str | Path, prune_k: int | None = None, pruning: bool = Tru
     trainer, state = load_run(run)
     tasks = list(trainer.tasks)
     model = trainer.model
-    out: dict[str, Any] = {"run": str(run), "method": state["config"]["method"], "tasks": tasks}
+    config = state["config"]
+    out: dict[str, Any] = {
+        "run": str(run),
+        "method": config["method"],
+        "seed": config["seed"],
+        "alpha": _alpha(config),
+        "tasks": tasks,
+    }
     conflict = gradient_conflict(run)
     if conflict is not None:
         out["conflict"] = conflict
@@ -107,6 +114,20 @@ def analyze_run(run: str | Path, prune_k: int | None = None, pruning: bool = Tru
     if pruning:
         out["pruning"] = pruning_matrix(model, layers, _scores(trainer), tasks, prune_k)
     return out
+
+
+def _alpha(config: dict[str, Any]) -> float:
+    """The learning-rate multiplier α the run's task norms trained with."""
+    from mtnorm.models.methods import default_norm_lr_mult
+
+    alpha = config.get("optim", {}).get("norm_lr_mult")
+    return alpha if alpha is not None else default_norm_lr_mult(config["method"], config.get("method_kwargs"))
+
+
+def run_label(data: dict[str, Any]) -> str:
+    """``method (α=...) seed N`` for a figure legend; α only for runs with task-specific norms."""
+    alpha = f" (α={data['alpha']:g})" if "capacity" in data else ""
+    return f"{data['method']}{alpha} seed {data['seed']}"
 
 
 def gradient_conflict(run: str | Path) -> dict[str, Any] | None:
@@ -220,6 +241,17 @@ def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, s
         save(fig, "gates", "Gate distribution over all layers and tasks (Fig. 5): gates start at 0.5; "
              "a spread over [0, 1] means tasks chose filters, a pile at 0/1 a hard partition.")
 
+        per_layer = data["gate_histogram_per_layer"]
+        counts = np.array([per_layer[n]["counts"] for n in per_layer], dtype=float)
+        share = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+        fig, ax = plt.subplots(figsize=(5.5, max(2.5, 0.22 * len(per_layer) + 1.2)))
+        im = ax.imshow(share, aspect="auto", cmap="magma", extent=(0, 1, len(per_layer) - 0.5, -0.5))
+        ax.set_xlabel("gate σ(γ)")
+        ax.set_ylabel("normalization layer (input to output)")
+        fig.colorbar(im, ax=ax, label="share of the layer's gates")
+        save(fig, "gates_per_layer", "Gate distribution per layer (Fig. 5): each row is one layer's gates "
+             "over all tasks, as shares of the layer.")
+
     if "pruning" in data:
         d = np.array(data["pruning"]["drop"])
         fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(tasks) + 2), max(3, 0.6 * len(tasks) + 1.5)))
@@ -237,6 +269,105 @@ def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, s
         fig.colorbar(im, ax=ax, label="relative drop %")
         save(fig, "pruning", f"Pruning (§5.3, Fig. 4 right): relative drop of each task after closing "
              f"the top-{data['pruning']['k']} filters specialized for the row's task.")
+    return figures
+
+
+def _comparison_plots(results: Sequence[dict[str, Any]], folder: Path) -> list[tuple[str, str]]:
+    """Figures that put several runs side by side: gradient conflict (HPS vs TSBN vs TSσBN, Fig. 2
+    left) and gate distributions (per α, Fig. 5 left). Each needs at least two runs with the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figures = []
+
+    def overlay(key: str, runs: list[dict[str, Any]], xlabel: str, name: str, caption: str) -> None:
+        fig, ax = plt.subplots(figsize=(6, 3.4))
+        for data in runs:
+            h = data[key] if key == "gate_histogram" else data[key]["all"]
+            counts, edges = np.array(h["counts"], dtype=float), np.array(h["edges"])
+            density = counts / max(counts.sum(), 1.0) / np.diff(edges)
+            label = run_label(data)
+            if key == "conflict":
+                label += f": mean {h['mean']:.2f}, std {h['std']:.2f}"
+            ax.stairs(density, edges, label=label, linewidth=1.6)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("density")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / f"{name}.png", dpi=110)
+        plt.close(fig)
+        figures.append((f"{name}.png", caption))
+
+    with_conflict = [d for d in results if "conflict" in d]
+    if len(with_conflict) >= 2:
+        overlay("conflict", with_conflict, "cosine of task gradients per shared conv filter",
+                "compare_conflict", "Gradient conflict side by side (Fig. 2 left): the distribution of "
+                "per-filter cosines between task gradients on the shared weights; hard sharing spreads "
+                "over [-1, 1], task-specific norms should concentrate near 0.")
+    with_gates = [d for d in results if "gate_histogram" in d]
+    if len(with_gates) >= 2:
+        overlay("gate_histogram", with_gates, "gate σ(γ)", "compare_gates", "Gate distributions side "
+                "by side (Fig. 5 left): a larger α moves the gates further from 0.5, towards a 0/1 "
+                "partition.")
+    return figures
+
+
+def _stability(results: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Relation stability (§5.2) within each group of runs of one method and α on the same tasks
+    (seeds of one configuration); groups need at least 2 runs and 3 tasks."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for d in results:
+        if "similarity" in d and len(d["tasks"]) >= 3:
+            key = f"{d['method']} (α={d['alpha']:g}) on {', '.join(d['tasks'])}"
+            groups.setdefault(key, []).append(d)
+    out = {}
+    for key, runs in groups.items():
+        if len(runs) < 2:
+            continue
+        sims = [torch.tensor(d["similarity"]) for d in runs]
+        k = max(1, min(3, len(runs[0]["tasks"]) - 1))
+        out[key] = {
+            "method": runs[0]["method"],
+            "alpha": runs[0]["alpha"],
+            "tasks": runs[0]["tasks"],
+            "seeds": [d["seed"] for d in runs],
+            "spearman_mean": relation_stability(sims),
+            "clusters": k,
+            "cooccurrence": cooccurrence(sims, k).tolist(),
+            "similarity_mean": torch.stack(sims).mean(0).tolist(),
+        }
+    return out
+
+
+def _stability_plots(
+    stability: dict[str, dict[str, Any]], results: Sequence[dict[str, Any]], folder: Path
+) -> list[tuple[str, str]]:
+    """Per group: the cluster co-occurrence matrix across its runs (§5.2)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    figures = []
+    for i, st in enumerate(stability.values()):
+        tasks, co = st["tasks"], np.array(st["cooccurrence"])
+        fig, ax = plt.subplots(figsize=(max(4, 0.5 * len(tasks) + 2), max(3.2, 0.45 * len(tasks) + 1.5)))
+        im = ax.imshow(co, vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks(range(len(tasks)), tasks, rotation=90)
+        ax.set_yticks(range(len(tasks)), tasks)
+        fig.colorbar(im, ax=ax, label="fraction of runs")
+        ax.set_title(f"{st['method']}: Spearman {st['spearman_mean']:.2f} over {len(st['seeds'])} runs",
+                     fontsize=9)
+        fig.tight_layout()
+        name = f"stability{i}.png"
+        fig.savefig(folder / name, dpi=110)
+        plt.close(fig)
+        figures.append((name, f"Cluster co-occurrence (§5.2): how often two tasks fall into the same of "
+                        f"{st['clusters']} clusters of the task hierarchy across the runs."))
     return figures
 
 
@@ -300,22 +431,19 @@ def write_report(runs: Sequence[str | Path], out: str | Path, prune_k: int | Non
         figures = _plots(data, out, f"run{i}_")
         sections.append((f"Run {i}: {data['run']}", _summary_lines(data), figures))
     report: dict[str, Any] = {"runs": results}
-    analyzed = [d for d in results if "similarity" in d]
-    same_tasks = len({tuple(d["tasks"]) for d in analyzed}) == 1
-    if len(analyzed) >= 2 and same_tasks and len(analyzed[0]["tasks"]) >= 3:
-        sims = [torch.tensor(d["similarity"]) for d in analyzed]
-        k = max(1, min(3, len(analyzed[0]["tasks"]) - 1))
-        report["stability"] = {
-            "spearman_mean": relation_stability(sims),
-            "clusters": k,
-            "cooccurrence": cooccurrence(sims, k).tolist(),
-        }
-        rho = report["stability"]["spearman_mean"]
-        line = (
-            f"relation stability: mean pairwise Spearman correlation {rho:.3f} over {len(analyzed)} "
-            "runs (paper: 0.8 over 7 CelebA runs)"
-        )
-        sections.insert(0, ("Across runs", [line], []))
+    stability = _stability(results)
+    if stability:
+        report["stability"] = stability
+        lines = [
+            f"relation stability of {label}: mean pairwise Spearman correlation {st['spearman_mean']:.3f} "
+            f"over {len(st['seeds'])} runs (seeds {', '.join(map(str, st['seeds']))}; paper: 0.8 over 7 "
+            "CelebA runs)"
+            for label, st in stability.items()
+        ]
+        sections.insert(0, ("Across runs", lines, _stability_plots(stability, results, out)))
+    compared = _comparison_plots(results, out)
+    if compared:
+        sections.insert(0, ("Runs compared", [run_label(d) + f": {d['run']}" for d in results], compared))
     (out / "report.json").write_text(json.dumps(report, indent=1))
     index = out / "index.html"
     index.write_text(_html("mtnorm analysis report", sections))
