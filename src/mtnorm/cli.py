@@ -1,4 +1,4 @@
-"""The ``mtnorm`` command: ``run``, ``train``, ``eval``, ``bench``, ``methods``.
+"""The ``mtnorm`` command: ``run``, ``train``, ``eval``, ``bench``, ``analyze``, ``profile``, ``methods``.
 
 Every user error (bad config key, missing data, unknown method or balancer) ends in a one-line
 ``mtnorm: error: ...`` on stderr and a non-zero exit status, never a traceback.
@@ -61,6 +61,16 @@ def _scales(text: str) -> list[float]:
     if not scales or any(s < 0 for s in scales):
         raise argparse.ArgumentTypeError(f"--loss-scales takes non-negative numbers, got {text!r}")
     return scales
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(a) for a in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--tasks takes comma-separated integers, got {text!r}") from None
+    if not counts or any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError(f"--tasks takes positive integers, got {text!r}")
+    return counts
 
 
 def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
@@ -127,6 +137,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--prune-k", type=int, default=None, help="filters pruned per task (default 2.5%%)")
     analyze.add_argument("--no-pruning", action="store_true", help="skip the pruning experiment")
 
+    prof = sub.add_parser(
+        "profile", help="encoder #P and #F against the number of tasks, per method (paper Fig. 2 right)"
+    )
+    prof.add_argument("--benchmark", choices=["multifashion", "scenes"], default="multifashion")
+    prof.add_argument(
+        "--methods", type=_csv, default=None, help="comma list (default: stl,cross_stitch,mtan,tssbn)"
+    )
+    prof.add_argument("--tasks", type=_counts, default=[1, 2, 5, 10, 40], help="task counts (1,2,5,10,40)")
+    prof.add_argument("--out", default=None, help="the PNG (default: profile-<benchmark>.png)")
+
     sub.add_parser("methods", help="list the registered methods and balancers")
     return parser
 
@@ -169,12 +189,14 @@ def _report(result: Any, base: dict[str, Any], baseline: str, started: float) ->
                     capacity_table(entry["capacity"]),
                 )
             )
-    tssbn = [r["out"] for label, runs in result.runs.items() for r in runs if r["method"] == "tssbn"]
-    if tssbn:  # what the gates say (paper §5): capacity, relations, specialization, pruning
+    runs = [r for group in result.runs.values() for r in group]
+    if any(r["method"] == "tssbn" for r in runs):
+        # what the gates say (paper §5), with every multi-task run beside the TSσBN ones so that
+        # gradient conflict and gate distributions compare side by side (STL shares nothing)
         from mtnorm.analysis.report import write_report
 
-        index = write_report(tssbn, Path(folder) / "analysis")
-        print(f"\nanalysis of the TSσBN runs: {index}")
+        index = write_report([r["out"] for r in runs if r["method"] != "stl"], Path(folder) / "analysis")
+        print(f"\nanalysis of the multi-task runs: {index}")
     elapsed = time.perf_counter() - started
     print(f"\nwall time {elapsed:.0f}s; results in {folder}/summary.md and summary.json")
 
@@ -300,6 +322,40 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
+PROFILE_METHODS = ("stl", "cross_stitch", "mtan", "tssbn")
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from mtnorm.profile import encoder_growth, plot_encoder_growth
+    from mtnorm.train import config_from_dict
+    from mtnorm.train.benchmarks import get_benchmark
+    from mtnorm.train.config import validate_names
+    from mtnorm.train.experiment import PRESETS
+
+    methods = args.methods or list(PROFILE_METHODS)
+    validate_names(methods)
+    bench = get_benchmark(config_from_dict(PRESETS[args.benchmark]))
+    example = torch.rand(2, *bench.input_shape, generator=torch.Generator().manual_seed(0))
+    growth = encoder_growth(methods, bench.backbone, example, args.tasks)
+    out = Path(args.out or f"profile-{args.benchmark}.png")
+    plot_encoder_growth(growth, out, f"{args.benchmark} preset backbone")
+    out.with_suffix(".json").write_text(json.dumps(growth, indent=1) + "\n")
+    from mtnorm.train.report import markdown_table
+
+    header = ["Method", *(f"T={t} #P" for t in args.tasks), *(f"T={t} MFLOPs" for t in args.tasks)]
+    rows = [
+        [m, *(f"{r['params']:,}" for r in rows), *(f"{r['flops'] / 1e6:.1f}" for r in rows)]
+        for m, rows in growth.items()
+    ]
+    print(markdown_table(header, rows))
+    print(f"plot: {out}; numbers: {out.with_suffix('.json')}")
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from mtnorm import balance
     from mtnorm.models import available_methods
@@ -316,6 +372,7 @@ COMMANDS = {
     "eval": cmd_eval,
     "bench": cmd_bench,
     "analyze": cmd_analyze,
+    "profile": cmd_profile,
     "methods": cmd_methods,
 }
 

@@ -56,3 +56,23 @@ def test_logger_keeps_csv_columns_across_resumes(tmp_path):
 
 def test_markdown_table_pads_columns():
     assert markdown_table(["x", "long"], [["1", "2"]]).splitlines()[1] == "|---|------|"
+
+
+def test_grid_summary_reports_flops_relative_to_the_baseline(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from train_helpers import toy_config
+
+    from mtnorm.train import to_dict
+    from mtnorm.train.experiment import Variant, run_grid
+
+    base = to_dict(toy_config(tmp_path / "unused", epochs=1, log_every=100))
+    variants = [Variant("stl"), Variant("hps"), Variant("tssbn")]
+    result = run_grid(base, variants, [0], tmp_path / "grid", log=lambda _m: None)
+    table, data = summarize(result)
+    assert table.splitlines()[0].startswith("| Method | #P   | #F ")
+    # STL runs two encoders, TSσBN one encoder twice (a pass per task), HPS one encoder once
+    assert data["tssbn"]["flops"] == data["stl"]["flops"]
+    assert data["hps"]["flops"] < data["stl"]["flops"]

@@ -61,6 +61,7 @@ class Benchmark:
     load: Callable[[Config], tuple[Split, Split]]
     backbone: Callable[[str], nn.Module]
     heads: Callable[[], dict[str, nn.Module]]
+    input_shape: tuple[int, ...] | None = None  # one input's shape, where fixed (for profiles)
 
 
 def _select(
@@ -121,6 +122,7 @@ def _multifashion(cfg: Config) -> Benchmark:
         load,
         lambda norm: LeNetEncoder(1, m.width, m.hidden, 36, norm),
         lambda: linear_heads(tasks, m.hidden, 10),
+        (1, 36, 36),
     )
 
 
@@ -151,6 +153,7 @@ def _scenes(cfg: Config) -> Benchmark:
         load,
         lambda norm: SegNet(1, m.width, m.levels, norm),
         heads,
+        (1, 64, 64),
     )
 
 
@@ -171,6 +174,7 @@ def _toy(cfg: Config) -> Benchmark:
         load,
         lambda norm: ToyEncoder(8, m.hidden, norm),
         lambda: linear_heads(tasks, m.hidden, 3),
+        (8,),
     )
 
 

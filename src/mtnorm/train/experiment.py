@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from mtnorm import metrics
+from mtnorm.profile import profile
 from mtnorm.train import convergence
 from mtnorm.train.config import Config, config_from_dict, to_dict
 from mtnorm.train.report import fmt, markdown_table
@@ -100,6 +101,8 @@ def run_grid(
                 "alpha": variant.alpha,
                 "seed": seed,
                 "parameters": run.parameters,
+                # forward FLOPs of all tasks on two inputs (paper's #F; ratios in the summary)
+                "flops": profile(trainer.model, trainer.example_input().to(trainer.device)).flops,
                 "metrics": run.metrics,
                 "seconds": run.seconds,
                 "out": str(run.out),
@@ -129,9 +132,11 @@ def summarize(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str,
     lower = result.lower_is_better
     base_runs = result.runs.get(baseline)
     base_params = base_runs[0]["parameters"] if base_runs else None
+    base_flops = base_runs[0].get("flops") if base_runs else None
+    with_flops = all("flops" in runs[0] for runs in result.runs.values())  # grids from before #F
     base_metrics = metrics.average_metrics([r["metrics"] for r in base_runs]) if base_runs else None
 
-    header = ["Method", "#P", *(f"{t} {k}" for t, k in columns)]
+    header = ["Method", "#P", *(["#F"] if with_flops else []), *(f"{t} {k}" for t, k in columns)]
     if base_runs:
         header.append(f"Δm% vs {baseline}")
     # per-epoch evaluations -> epochs to reach 95% of the final score (mtnorm.train.convergence)
@@ -147,6 +152,10 @@ def summarize(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str,
         params = runs[0]["parameters"]
         row = [label, f"{params / base_params:.2f}" if base_params else str(params)]
         entry: dict[str, Any] = {"parameters": params, "seeds": [r["seed"] for r in runs], "metrics": {}}
+        if with_flops:
+            flops = runs[0]["flops"]
+            row.append(f"{flops / base_flops:.2f}" if base_flops else f"{flops:.3g}")
+            entry["flops"] = flops
         for t, k in columns:
             mean, std = _mean_std([r["metrics"][t][k] for r in runs])
             scale = 100.0 if _is_fraction(k) else 1.0

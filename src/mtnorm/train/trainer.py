@@ -180,7 +180,7 @@ class Trainer:
             self._backbone_factory,
             self.tasks,
             self.bench.heads(),
-            example_input=self._example_input(),
+            example_input=self.example_input(),
             **cfg.method_kwargs,
         ).to(self.device)
         if self.world.distributed:
@@ -245,7 +245,7 @@ class Trainer:
                 "process whose last batch (n_train % batch_size) is not 1"
             )
 
-    def _example_input(self) -> torch.Tensor:
+    def example_input(self) -> torch.Tensor:
         """Two training inputs, which size the modules of stage-wise architectures (build_method)."""
         return take(self.train_split, torch.arange(min(2, len(self.train_split))), torch.device("cpu"))[0]
 
