@@ -80,9 +80,8 @@ def encoder_growth(
         for t in task_counts:
             tasks = [f"t{i + 1}" for i in range(t)]
             torch.manual_seed(0)
-            model = build_method(
-                method, backbone_factory, tasks, {k: nn.Identity() for k in tasks}, example_input=example_input
-            )
+            heads = {k: nn.Identity() for k in tasks}
+            model = build_method(method, backbone_factory, tasks, heads, example_input=example_input)
             params, flops = _count(model, example_input)
             rows.append({"tasks": t, "params": params, "flops": flops})
         out[method] = rows
