@@ -79,6 +79,24 @@ def _overrides(pairs: Sequence[str]) -> dict[str, Any]:
     return parse_overrides(pairs)
 
 
+RESUME_HELP = (
+    "continue the interrupted grid in DIR (the folder the first invocation printed): finished runs "
+    "are read back, an unfinished one continues from its last.pt; give the same arguments as before"
+)
+
+
+def _grid_folder(args: argparse.Namespace, default_parent: str) -> Path:
+    """A new timestamped folder, or with ``--resume DIR`` the grid folder to continue."""
+    from mtnorm.train.runs import fresh_folder
+
+    if args.resume is None:
+        return fresh_folder(args.out or default_parent)
+    folder = Path(args.resume)
+    if not folder.is_dir():
+        raise CLIError(f"--resume: no grid folder at {folder}; give the folder an earlier run/bench printed")
+    return folder
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtnorm", description="Multi-task learning with task-specific normalization."
@@ -100,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--out", default=None, help="parent of this invocation's new timestamped folder (runs/<benchmark>)"
     )
+    run.add_argument("--resume", default=None, metavar="DIR", help=RESUME_HELP)
 
     train = sub.add_parser("train", help="train one run from a YAML config")
     train.add_argument("config")
@@ -130,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--out", default=None, help="parent of this invocation's new timestamped folder (<out>-bench)"
     )
+    bench.add_argument("--resume", default=None, metavar="DIR", help=RESUME_HELP)
 
     analyze = sub.add_parser("analyze", help="report on trained runs: capacity, relations, specialization")
     analyze.add_argument("runs", nargs="+", help="run folders (or checkpoints) of trained models")
@@ -203,7 +223,6 @@ def _report(result: Any, base: dict[str, Any], baseline: str, started: float) ->
 
 def cmd_run(args: argparse.Namespace) -> int:
     from mtnorm.train.experiment import DEFAULT_METHODS, PRESETS, run_grid, variant_config
-    from mtnorm.train.runs import fresh_folder
 
     started = time.perf_counter()
     base = {**PRESETS[args.benchmark]}
@@ -221,12 +240,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     for variant in variants:  # every run's config is checked before the first one trains
         for seed in args.seeds:
             variant_config(base, variant, seed, Path("."))
-    out = fresh_folder(args.out or f"runs/{args.benchmark}")
+    out = _grid_folder(args, f"runs/{args.benchmark}")
     print(
         f"mtnorm run: {args.benchmark}, methods {[v.label for v in variants]}, seeds {args.seeds}, "
         f"{base['epochs']} epochs, balancer {args.balancer}; results go to {out}"
     )
-    result = run_grid(base, variants, args.seeds, out)
+    result = run_grid(base, variants, args.seeds, out, resume=args.resume is not None)
     _report(result, base, "stl", started)
     return 0
 
@@ -266,7 +285,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from mtnorm.train import load_config, to_dict
     from mtnorm.train.config import validate_names
     from mtnorm.train.experiment import run_grid, variant_config
-    from mtnorm.train.runs import fresh_folder
 
     started = time.perf_counter()
     cfg = load_config(args.config, _overrides(args.overrides))
@@ -277,9 +295,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for variant in variants:
         for seed in args.seeds:
             variant_config(base, variant, seed, Path("."))
-    out = fresh_folder(args.out or f"{cfg.out}-bench")
+    out = _grid_folder(args, f"{cfg.out}-bench")
     print(f"mtnorm bench: results go to {out}")
-    result = run_grid(base, variants, args.seeds, out)
+    result = run_grid(base, variants, args.seeds, out, resume=args.resume is not None)
     _report(result, base, args.baseline, started)
     if args.loss_scales:
         _robustness(base, variants, args, out, result, started)

@@ -294,3 +294,41 @@ def test_sigterm_to_the_cli_saves_and_exits_143(tmp_path):
     assert "Traceback" not in err
     state = ckpt.load(tmp_path / "run" / "last.pt")
     assert 0 < state["global_step"] < 400 * 8
+
+
+def test_an_interrupted_grid_resumes_to_the_same_results(tmp_path):
+    from mtnorm.train import to_dict
+    from mtnorm.train.experiment import Variant, run_grid, variant_config
+
+    base = to_dict(toy_config(tmp_path / "unused", log_every=100))
+    variants = [Variant("stl"), Variant("hps")]
+    quiet = lambda _m: None  # noqa: E731
+    full = run_grid(base, variants, [0], tmp_path / "full", log=quiet)
+
+    cut = tmp_path / "cut"
+    run_grid(base, variants[:1], [0], cut, log=quiet)  # stl finished, then the grid was stopped ...
+
+    def interrupt(trainer: Trainer) -> None:
+        if trainer.global_step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    stopped = Trainer(variant_config(base, variants[1], 0, cut), callbacks=[interrupt], log=None).fit()
+    assert stopped.status == "interrupted"  # ... during hps, which has a last.pt at step 3
+
+    lines: list[str] = []
+    resumed = run_grid(base, variants, [0], cut, log=lines.append, resume=True)
+    assert any("stl seed 0: finished before" in line for line in lines)
+    assert any("resumed from" in line and "at epoch 0 batch 3" in line for line in lines)
+    for label in ("stl", "hps"):
+        assert resumed.runs[label][0]["metrics"] == full.runs[label][0]["metrics"]
+    a = torch.load(tmp_path / "full" / "hps-seed0" / "last.pt", weights_only=False)["model"]
+    b = torch.load(cut / "hps-seed0" / "last.pt", weights_only=False)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bench_resume_names_a_missing_grid_folder(tmp_path, capsys):
+    from mtnorm.cli import main
+
+    path = toy_yaml(tmp_path)
+    assert main(["bench", str(path), "--seeds", "1", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "no grid folder at" in capsys.readouterr().err

@@ -77,22 +77,41 @@ def variant_config(base: dict[str, Any], variant: Variant, seed: int, out: Path)
     return config_from_dict(values)
 
 
+RECORD = "record.json"
+"""What a grid writes into a run's folder when the run has finished: its row of the summary."""
+
+
 def run_grid(
     base: dict[str, Any],
     variants: Sequence[Variant],
     seeds: Sequence[int],
     out: str | Path,
     log: Callable[[str], None] = print,
+    resume: bool = False,
 ) -> GridResult:
-    """Train every variant with every seed; returns their final test metrics and sizes."""
+    """Train every variant with every seed; returns their final test metrics and sizes.
+
+    ``resume=True`` continues a grid in ``out`` that was interrupted: finished runs (those with a
+    ``record.json``) are read back, not retrained; a run that stopped midway continues from its
+    ``last.pt`` (bit-identical to an uninterrupted run); the others start.
+    """
     out = Path(out)
     result = GridResult(out=out)
     start = time.perf_counter()
     for variant in variants:
         for seed in seeds:
             cfg = variant_config(base, variant, seed, out)
+            done = Path(cfg.out) / RECORD
+            if resume and done.is_file():
+                record = json.loads(done.read_text())
+                result.runs.setdefault(variant.label, []).append(record)
+                result.lower_is_better |= set(record.get("lower_is_better", []))
+                log(f"  {variant.label} seed {seed}: finished before, read from {done}")
+                continue
             trainer = Trainer(cfg, log=log)
-            run = trainer.fit()
+            # a run killed before its first checkpoint left only logs: it starts again
+            checkpoint = (Path(cfg.out) / "last.pt").is_file()
+            run = trainer.fit(resume=resume and checkpoint, overwrite=resume and not checkpoint)
             result.lower_is_better = set(trainer.lower_is_better)
             if run.status != "finished":
                 raise KeyboardInterrupt
@@ -106,11 +125,13 @@ def run_grid(
                 "metrics": run.metrics,
                 "seconds": run.seconds,
                 "out": str(run.out),
+                "lower_is_better": sorted(trainer.lower_is_better),
             }
             if variant.method == "tssbn":
                 from mtnorm.analysis.capacity import capacity_split, importance_vectors
 
                 record["capacity"] = capacity_split(importance_vectors(trainer.model), trainer.tasks)
+            done.write_text(json.dumps(record, indent=1) + "\n")
             result.runs.setdefault(variant.label, []).append(record)
             summary = ", ".join(f"{t}/{k}={v:.4f}" for t, m in run.metrics.items() for k, v in m.items())
             log(f"  {variant.label} seed {seed}: {summary} ({run.seconds:.0f}s)")
