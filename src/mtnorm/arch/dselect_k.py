@@ -71,16 +71,16 @@ class DSelectKGate(nn.Module):
     ``g(x) = sum_i alpha_i(x) r_i(x)``: a distribution over the experts with at most ``k``
     non-zero weights once the selectors are binary.
 
-    ``E`` not a power of 2: codes ``c >= E`` stand for no expert. The paper keeps them and adds a
-    penalty ``mean(1 / sum_{c<E} r_c)`` to the loss so that the selectors avoid them; the trainer
-    adds no model penalties, so here code ``c >= E`` is folded onto expert ``c - 2^(m-1)``
-    (:func:`fold_codes`): the gate stays a distribution over existing experts without any extra
-    loss, and a binary selector still picks exactly one expert. (The folded experts start with
-    twice the others' prior weight.)
+    ``E`` not a power of 2: codes ``c >= E`` stand for no expert. The authors' implementation keeps
+    them and adds a penalty to the loss that grows with the selectors' mass on them (as recalled
+    here, ``mean(1 / sum_{c<E} r_c)``); the trainer adds no model penalties, so here code
+    ``c >= E`` is folded onto expert ``c - 2^(m-1)`` (:func:`fold_codes`): the gate stays a
+    distribution over existing experts without any extra loss, and a binary selector still picks
+    exactly one expert. (The folded experts start with twice the others' prior weight.)
 
-    Initialization: ``Z``, ``c`` uniform in ``[-gamma/100, gamma/100]``, as the official code's
-    logits, so that every ``S`` starts near 1/2, far from its flat ends (a saturated bit has no
-    gradient); ``A`` as a default ``nn.Linear``.
+    Initialization: ``Z``, ``c`` uniform in ``[-gamma/100, gamma/100]`` (small logits), so that
+    every ``S`` starts near 1/2, far from its flat ends (a saturated bit has no gradient); ``A`` as
+    a default ``nn.Linear``.
 
     :meth:`entropy` is the paper's entropy regularizer ``sum_i H(r_i(x))``, averaged over the
     batch, which drives the selectors to binary codes.
@@ -128,8 +128,8 @@ class DSelectK(MixtureOfExperts):
     are fresh backbones (shared), gate t is task t's own (``TaskModules``).
 
     Choices: ``experts=4`` (a power of 2, two bits per selector) and ``k=2`` so that each task
-    mixes half of the experts once converged; ``gamma=1`` (the official code's default; larger
-    gamma keeps the selectors soft longer). ``norm`` as for MMoE.
+    mixes half of the experts once converged; ``gamma=1`` (the smooth step's width; larger gamma
+    keeps the selectors soft longer). ``norm`` as for MMoE.
 
     Entropy regularization: ``regularization(x) = entropy_reg * sum_t gate_t.entropy(phi(x))``.
     The trainer does **not** add it to the loss (it has no model penalty hook), so with the

@@ -27,8 +27,8 @@ class MMoE(MixtureOfExperts):
 
     * ``experts=3``: as many as the dense benchmarks have tasks (scenes, NYUv2), so that each task
       can come to rely on an expert of its own while the gates can still share; an expert is a
-      whole backbone, so parameters and compute grow as ``E`` backbones (3 backbones is STL's cost
-      for three tasks, the paper's comparisons keep MMoE in that range).
+      whole backbone, so parameters and compute grow as ``E`` backbones (``E = T`` costs what STL
+      costs). Fewer experts than tasks forces sharing; more mostly adds cost.
     * ``gate_input="flatten"``: the gates read the flattened input, the paper's ``softmax(W x)``
       and LibMTL's choice for images; ``"pool"`` reads it average-pooled to ``gate_pool`` x
       ``gate_pool`` cells instead (cheaper for large inputs).
