@@ -4,6 +4,8 @@ conversion to task norms, the shared / task-specific partition, and a trainer ru
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -350,3 +352,16 @@ def test_trainer_with_a_gradient_balancer_resumes_exactly(tmp_path):
     a, b = full.model.state_dict(), resumed.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert result.metrics == done.metrics
+
+
+def test_a_deep_copy_runs_its_own_stage_slices():
+    model, x = build("ple", "segnet")
+    model.eval()
+    twin = copy.deepcopy(model)
+    before = mtnorm.forward_tasks(twin, x)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    after = mtnorm.forward_tasks(twin, x)
+    assert all(torch.equal(before[t], after[t]) for t in TASKS)
+    assert not torch.equal(mtnorm.forward_tasks(model, x)["a"], after["a"])
