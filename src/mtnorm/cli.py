@@ -156,6 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--out", default=None, help="report folder (default: <first run>/analysis)")
     analyze.add_argument("--prune-k", type=int, default=None, help="filters pruned per task (default 2.5%%)")
     analyze.add_argument("--no-pruning", action="store_true", help="skip the pruning experiment")
+    analyze.add_argument(
+        "--no-affinity", action="store_true", help="skip the lookahead affinity and representation embedding"
+    )
 
     prof = sub.add_parser(
         "profile", help="encoder #P and #F against the number of tasks, per method (paper Fig. 2 right)"
@@ -335,7 +338,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     from mtnorm.analysis.report import write_report
 
     out = Path(args.out or Path(args.runs[0]) / "analysis")
-    index = write_report(args.runs, out, args.prune_k, pruning=not args.no_pruning)
+    index = write_report(
+        args.runs, out, args.prune_k, pruning=not args.no_pruning, measured=not args.no_affinity
+    )
     print(f"report: {index}")
     return 0
 

@@ -160,9 +160,14 @@ def test_analyze_writes_a_complete_report_for_tiny_runs(tmp_path, capsys):
     assert set(first["capacity"]) == {"a", "b"} and "pruning" in first and "gate_histogram" in first
     parser = _Tags()
     parser.feed((out / "index.html").read_text())
-    per_run = ("capacity", "relations", "specialization", "gates", "gates_per_layer", "pruning")
+    measured = ("affinity", "embedding")  # any model with shared parameters, HPS included
+    per_run = ("capacity", "relations", "specialization", "gates", "gates_per_layer", "pruning", *measured)
     expected = {"compare_gates.png"} | {f"run{i}_{name}.png" for i in (0, 1) for name in per_run}
+    expected |= {f"run2_{name}.png" for name in measured}
     assert set(parser.images) == expected  # no conflict records: no conflict figures
+    z = torch.tensor(data["runs"][2]["affinity"]["matrix"])
+    assert z.shape == (2, 2) and torch.isfinite(z).all()
+    assert data["runs"][0]["embedding"]["method"] in ("tsne", "pca")
     assert all((out / src).is_file() and (out / src).stat().st_size > 1000 for src in parser.images)
 
 
@@ -228,3 +233,6 @@ def test_report_compares_runs_and_measures_stability_within_one_configuration(tm
     parser.feed(index.read_text())
     assert {"compare_conflict.png", "compare_gates.png", "stability0.png"} <= set(parser.images)
     assert "hps seed 0" in index.read_text()
+    agreement = data["runs"][0]["affinity"]["agreement"]  # three tasks: pairs to rank
+    assert -1.0 <= agreement <= 1.0
+    assert "agreement" not in data["runs"][4]["affinity"]  # HPS has no gates to agree with

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from mtnorm.analysis.affinity import affinity_agreement
 from mtnorm.analysis.capacity import capacity_per_layer, capacity_split
 from mtnorm.analysis.gates import all_gates, diagnose, gate_histogram
 from mtnorm.analysis.pruning import pruning_matrix
@@ -70,8 +71,11 @@ def _scores(trainer: Any) -> Any:
     return evaluate
 
 
-def analyze_run(run: str | Path, prune_k: int | None = None, pruning: bool = True) -> dict[str, Any]:
-    """Every number of one run (``pruning=False`` skips the T+1 evaluations of the experiment)."""
+def analyze_run(
+    run: str | Path, prune_k: int | None = None, pruning: bool = True, measured: bool = True
+) -> dict[str, Any]:
+    """Every number of one run (``pruning=False`` skips the T+1 evaluations of the experiment,
+    ``measured=False`` the lookahead affinity and the representation embedding)."""
     from mtnorm.norm import TaskNorm, importance
 
     trainer, state = load_run(run)
@@ -88,6 +92,8 @@ def analyze_run(run: str | Path, prune_k: int | None = None, pruning: bool = Tru
     conflict = gradient_conflict(run)
     if conflict is not None:
         out["conflict"] = conflict
+    if measured:
+        out.update(measured_relations(trainer, state["config"]))
     if not any(isinstance(m, TaskNorm) for m in model.modules()):
         out["skipped"] = (
             f"method {out['method']!r} has no task-specific norm layers, so {', '.join(NEEDS_TASK_NORMS)} "
@@ -111,8 +117,63 @@ def analyze_run(run: str | Path, prune_k: int | None = None, pruning: bool = Tru
     else:
         gates = torch.empty(0)
     out["diagnostics"] = diagnose(gates, {t: c["total"] for t, c in out["capacity"].items()})
+    if "affinity" in out and len(tasks) >= 3:
+        out["affinity"]["agreement"] = affinity_agreement(
+            torch.tensor(out["affinity"]["matrix"]), torch.tensor(out["similarity"])
+        )
     if pruning:
         out["pruning"] = pruning_matrix(model, layers, _scores(trainer), tasks, prune_k)
+    return out
+
+
+AFFINITY_BATCHES = 4
+"""Training batches the lookahead affinity averages over (T + 1 forward and T backward each)."""
+
+EMBEDDED_INPUTS = 100
+"""Test inputs whose task representations are embedded in 2-D."""
+
+
+def measured_relations(trainer: Any, config: dict[str, Any]) -> dict[str, Any]:
+    """The relations measured by running the model rather than read from its gates: TAG's
+    lookahead affinity on a few training batches (SGD step of the run's learning rate on the shared
+    parameters), the Average Task Interference, and the 2-D embedding of each task's head input
+    (t-SNE where scikit-learn is installed, else PCA). Defined for any multi-task model with
+    shared parameters; STL has none, so neither is measured there."""
+    from mtnorm.analysis.affinity import average_task_interference, lookahead_affinity, task_interference
+    from mtnorm.analysis.representation import representation_embedding
+    from mtnorm.norm import shared_parameters
+    from mtnorm.train.loop import take, train_batches
+
+    model, tasks = trainer.model, list(trainer.tasks)
+    if not shared_parameters(model):
+        return {}
+    size = min(config["data"]["batch_size"], len(trainer.train_split))
+    batches = [
+        take(trainer.train_split, index, trainer.device)
+        for b, index in train_batches(trainer.train_split, size, config["seed"], epoch=0)
+        if b < AFFINITY_BATCHES
+    ]
+    lr = config["optim"]["lr"]
+    z = lookahead_affinity(model, batches, trainer.losses, lr)
+    out: dict[str, Any] = {
+        "affinity": {
+            "matrix": z.tolist(),
+            "lr": lr,
+            "batches": len(batches),
+            "ati": average_task_interference(z),
+            "per_task": task_interference(z, tasks),
+        }
+    }
+    try:
+        import sklearn  # noqa: F401
+
+        method = "tsne"
+    except ImportError:
+        method = "pca"
+    n = min(EMBEDDED_INPUTS, len(trainer.test_split))
+    x, _ = take(trainer.test_split, torch.arange(n), trainer.device)
+    coords = representation_embedding(model, x, method=method)
+    out["embedding"] = {"method": method, "points": {t: c.tolist() for t, c in coords.items()}}
     return out
 
 
@@ -176,14 +237,45 @@ def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, s
         plt.close(fig)
         figures.append((f"{prefix}conflict.png", "Gradient conflict (Fig. 2 left): cosine similarity between "
                         "task gradients of each shared convolution filter, over the recorded steps."))
-    if "capacity" not in data:
-        return figures
-
     def save(fig: Any, name: str, caption: str) -> None:
         fig.tight_layout()
         fig.savefig(folder / f"{prefix}{name}.png", dpi=110)
         plt.close(fig)
         figures.append((f"{prefix}{name}.png", caption))
+
+    if "affinity" in data:
+        a = data["affinity"]
+        z = np.array(a["matrix"])
+        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(tasks) + 2), max(3, 0.5 * len(tasks) + 1.5)))
+        bound = max(1e-12, float(np.abs(z).max()))
+        im = ax.imshow(z, cmap="RdBu", vmin=-bound, vmax=bound)
+        ax.set_xticks(range(len(tasks)), tasks, rotation=90)
+        ax.set_yticks(range(len(tasks)), tasks)
+        ax.set_xlabel("task whose loss is measured")
+        ax.set_ylabel("task stepped")
+        if len(tasks) <= 12:
+            for i in range(len(tasks)):
+                for j in range(len(tasks)):
+                    ax.text(j, i, f"{z[i, j]:.1e}", ha="center", va="center", fontsize=7)
+        fig.colorbar(im, ax=ax, label="Z (blue: helps)")
+        ax.set_title(f"ATI {a['ati']:.2e}", fontsize=9)
+        save(fig, "affinity", f"Lookahead affinity (TAG): Z[i→j] = 1 − L_j after an SGD step (lr "
+             f"{a['lr']:g}) on task i alone / L_j before, over {a['batches']} training batches; "
+             "blue = a step for the row's task lowers the column's loss.")
+    if "embedding" in data:
+        e = data["embedding"]
+        fig, ax = plt.subplots(figsize=(4.8, 4))
+        for t, pts in e["points"].items():
+            pts = np.array(pts)
+            ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, label=t)
+        ax.legend(fontsize=7, markerscale=2)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        save(fig, "embedding", f"Task representations (Fig. 2 middle): each task's head input for the "
+             f"same test images, embedded jointly by {e['method'].upper()}; with hard sharing the "
+             "tasks coincide, task-specific norms separate them.")
+    if "capacity" not in data:
+        return figures
 
     cap = data["capacity"]
     fig, ax = plt.subplots(figsize=(max(4, 0.8 * len(tasks) + 2), 3.2))
@@ -401,6 +493,12 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
             f"gradient conflict over {len(data['conflict']['steps'])} recorded steps: mean cosine "
             f"{c['mean']:.3f} (std {c['std']:.3f}), {c['negative']:.1%} of filter gradients conflicting"
         ]
+    if "affinity" in data:
+        a = data["affinity"]
+        line = f"lookahead affinity (lr {a['lr']:g}, {a['batches']} batches): ATI {a['ati']:.3e}"
+        if "agreement" in a:
+            line += f"; Spearman agreement with the gate similarity {a['agreement']:.3f}"
+        conflict.append(line)
     if "skipped" in data:
         return [data["skipped"], *conflict]
     head = f"method {data['method']}, tasks {', '.join(data['tasks'])}; importance: {data['importance']}"
@@ -421,11 +519,11 @@ def _summary_lines(data: dict[str, Any]) -> list[str]:
 
 
 def write_report(runs: Sequence[str | Path], out: str | Path, prune_k: int | None = None,
-                 pruning: bool = True) -> Path:
+                 pruning: bool = True, measured: bool = True) -> Path:
     """Analyze ``runs`` and write the report folder ``out``; returns the path of its index.html."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    results = [analyze_run(r, prune_k, pruning) for r in runs]
+    results = [analyze_run(r, prune_k, pruning, measured) for r in runs]
     sections = []
     for i, data in enumerate(results):
         figures = _plots(data, out, f"run{i}_")
