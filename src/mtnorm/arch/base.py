@@ -29,6 +29,8 @@ class TaskModules(TaskRouted):
     def __init__(self, modules: Mapping[str, nn.Module]) -> None:
         super().__init__(list(modules))
         self.per_task = nn.ModuleDict(dict(modules))
+        for p in self.per_task.parameters():  # so a balancer warns when they are passed as shared
+            p._mtnorm_task_specific = True  # type: ignore[attr-defined]
 
     def __getitem__(self, task: str) -> nn.Module:
         return self.per_task[task]
