@@ -9,6 +9,8 @@ builders below.
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -139,6 +141,21 @@ def assert_state_dict_round_trip(arch: str, backbone: str) -> None:
     assert all(torch.equal(a[t], b[t]) for t in TASKS)
 
 
+def assert_a_deep_copy_runs_its_own_parameters(arch: str, backbone: str) -> None:
+    """Stages are rebuilt from the model's own modules every forward: a copy (EMA, best model) does
+    not read the original's parameters."""
+    model = build(arch, backbone).eval()
+    x = inputs(backbone)
+    before = model(x)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(1.5)
+    changed, after = twin(x), model(x)
+    assert all(torch.equal(before[t], after[t]) for t in TASKS)
+    assert all(not torch.equal(before[t], changed[t]) for t in TASKS)
+
+
 def assert_use_task_matches_the_joint_pass(arch: str, backbone: str) -> None:
     model = build(arch, backbone).eval()
     x = inputs(backbone)
@@ -194,6 +211,7 @@ PROPERTIES = {
     "training_lowers_the_loss": assert_training_lowers_the_loss,
     "every_parameter_learns": assert_every_parameter_learns,
     "state_dict_round_trip": assert_state_dict_round_trip,
+    "a_deep_copy_runs_its_own_parameters": assert_a_deep_copy_runs_its_own_parameters,
     "use_task_matches_the_joint_pass": assert_use_task_matches_the_joint_pass,
     "sigma_conversion_trains": assert_sigma_conversion_trains,
     "parameters_partition_as_documented": assert_parameters_partition_as_documented,
