@@ -1,9 +1,4 @@
-"""Cross-Stitch networks (Misra et al., CVPR 2016): one backbone column per task, mixed after every stage.
-
-Also the few helpers the soft-sharing and branching architectures of this package share (option
-checks, heads, conversion of the shared parts, forking a stage carry); :mod:`mtnorm.arch.mtan` and
-:mod:`mtnorm.arch.ltb` import them from here.
-"""
+"""Cross-Stitch networks (Misra et al., CVPR 2016): one backbone column per task, mixed after every stage."""
 
 from __future__ import annotations
 
@@ -13,65 +8,16 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtnorm.arch.base import Architecture, active_tasks
+from mtnorm.arch.base import (
+    Architecture,
+    active_tasks,
+    check_heads,
+    check_options,
+    convert_shared,
+)
 from mtnorm.arch.stages import channels, stage_shapes, stages_of
 from mtnorm.models.methods import BackboneFactory, register_method
-from mtnorm.norm import PerTask, TaskHeads, convert, validate_tasks
-from mtnorm.norm.convert import NORMS
-
-
-# ---------------------------------------------------------------- helpers shared by mtnorm.arch
-def check_options(method: str, options: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated with ``options``; an option name not in ``defaults`` is an error.
-
-    Raises:
-        TypeError: unknown option names (the message lists the valid ones and their defaults).
-    """
-    unknown = sorted(set(options) - set(defaults))
-    if unknown:
-        valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-        raise TypeError(
-            f"method {method!r} has no option(s) {unknown}; its options (method_kwargs in a config) "
-            f"are: {valid}"
-        )
-    values = {**defaults, **options}
-    norm = values.get("norm")
-    if "norm" in defaults and norm is not None and norm not in NORMS:
-        raise ValueError(
-            f"method {method!r}: unknown norm {norm!r}; choose None (plain BatchNorm) or one of "
-            f"{list(NORMS)} (the conversion of mtnorm.convert)"
-        )
-    return values
-
-
-def check_heads(tasks: Sequence[str], heads: Mapping[str, nn.Module]) -> dict[str, nn.Module]:
-    """``{task: head}`` in the order of ``tasks``; every task needs exactly one head.
-
-    Raises:
-        ValueError: a task without a head, or a head for a task that is not in ``tasks``.
-    """
-    names = validate_tasks(tasks)
-    missing = [t for t in names if t not in heads]
-    extra = [t for t in heads if t not in names]
-    if missing or extra:
-        raise ValueError(
-            f"tasks and heads disagree: tasks {list(names)}, heads for {list(heads)} "
-            f"(no head for {missing}, heads without a task: {extra}); give one head per task"
-        )
-    return {t: heads[t] for t in names}
-
-
-def convert_shared(module: nn.Module, tasks: Sequence[str], norm: str | None) -> nn.Module:
-    """``module`` with its norms made task-specific by :func:`mtnorm.convert`, or unchanged for None."""
-    return module if norm is None else convert(module, tasks, norm=norm)
-
-
-def fork_carry(carry: dict) -> dict:
-    """A copy of a stage carry that a child can change without changing its parent's: dicts and
-    lists are copied one level deep (SegNet's stacks of pooling indices), tensors are shared."""
-    return {
-        k: list(v) if isinstance(v, list) else dict(v) if isinstance(v, dict) else v for k, v in carry.items()
-    }
+from mtnorm.norm import PerTask, TaskHeads, validate_tasks
 
 
 # ---------------------------------------------------------------- cross-stitch

@@ -36,42 +36,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtnorm.arch.base import Architecture, TaskModules, active_tasks
+from mtnorm.arch.base import Architecture, TaskModules, active_tasks, check_options, convert_shared
 from mtnorm.arch.stages import stages_of
 from mtnorm.norm.routing import PerTask, TaskHeads
 
 GATE_INPUTS = ("flatten", "pool")
 """What a gate reads (:class:`GateFeatures`)."""
 
-NORM_OPTIONS = (None, "bn", "sigma", "dw", "adain")
-"""Values of the ``norm`` option: keep shared BatchNorms, or the kind handed to ``mtnorm.convert``."""
-
-
 def parse_options(method: str, given: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """``defaults`` updated by ``given``; an option that is not in ``defaults`` is an error.
-
-    Raises:
-        TypeError: an unknown option (the message lists the method's options).
-    """
-    unknown = sorted(set(given) - set(defaults))
-    if unknown:
-        valid = ", ".join(f"{k}={v!r}" for k, v in defaults.items())
-        raise TypeError(
-            f"method {method!r}: unknown option(s) {unknown} (method_kwargs); its options and "
-            f"defaults are: {valid}"
-        )
-    options = dict(defaults)
-    options.update(given)
-    if options.get("norm") not in NORM_OPTIONS:
-        raise ValueError(
-            f"method {method!r}: norm must be one of {list(NORM_OPTIONS)} (None keeps the experts' "
-            f"BatchNorms shared), got {options['norm']!r}"
-        )
-    if "gate_input" in options and options["gate_input"] not in GATE_INPUTS:
-        raise ValueError(
-            f"method {method!r}: gate_input must be one of {list(GATE_INPUTS)}, got {options['gate_input']!r}"
-        )
-    return options
+    """:func:`~mtnorm.arch.base.check_options` with the gate-input choices of the experts."""
+    choices = {"gate_input": GATE_INPUTS} if "gate_input" in defaults else None
+    return check_options(method, given, defaults, choices)
 
 
 def check_count(method: str, option: str, value: Any, minimum: int = 1) -> int:
@@ -148,22 +123,6 @@ def combine(weights: torch.Tensor, outputs: Sequence[torch.Tensor]) -> torch.Ten
     stacked = torch.stack(tuple(outputs), dim=1)  # [B, E, ...]
     w = weights.reshape(*weights.shape, *([1] * (stacked.dim() - 2)))
     return (w * stacked).sum(dim=1)
-
-
-def _holds_norm(module: nn.Module) -> bool:
-    from mtnorm.norm.registry import is_norm
-
-    return any(is_norm(m) for m in module.modules())
-
-
-def task_norms(module: nn.Module, tasks: Sequence[str], norm: str | None) -> nn.Module:
-    """``module`` with its norms converted to ``norm`` for ``tasks`` (unchanged for ``None``, or
-    when it holds no norm layer, e.g. a group of stages without one)."""
-    if norm is None or not _holds_norm(module):
-        return module
-    from mtnorm.norm import convert
-
-    return convert(module, tasks, norm=norm)
 
 
 # ---------------------------------------------------------------------------- stage slices
@@ -400,6 +359,6 @@ def build_mixture(
     count = check_count(method, "experts", options["experts"])
     features = GateFeatures(options["gate_input"], options["gate_pool"])
     size = features.size(tuple(example_input.shape))
-    experts = [task_norms(backbone_factory("bn"), tasks, options["norm"]) for _ in range(count)]
+    experts = [convert_shared(backbone_factory("bn"), tasks, options["norm"]) for _ in range(count)]
     gates = {t: make_gate(size, count) for t in tasks}
     return cls(experts, gates, features, heads)

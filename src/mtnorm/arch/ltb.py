@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtnorm.arch.base import Architecture, active_tasks
-from mtnorm.arch.cross_stitch import check_heads, check_options, convert_shared, fork_carry
+from mtnorm.arch.base import (
+    Architecture,
+    active_tasks,
+    check_heads,
+    check_options,
+    convert_shared,
+    fork_carry,
+)
 from mtnorm.arch.stages import stage_shapes, stages_of
 from mtnorm.models.methods import BackboneFactory, register_method
 from mtnorm.norm import PerTask, TaskHeads, validate_tasks

@@ -11,8 +11,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mtnorm.arch.base import Architecture, TaskModules, active_tasks
-from mtnorm.arch.cross_stitch import check_heads, check_options, convert_shared
+from mtnorm.arch.base import (
+    Architecture,
+    TaskModules,
+    active_tasks,
+    check_heads,
+    check_options,
+    convert_shared,
+)
 from mtnorm.arch.stages import stage_shapes, stages_of
 from mtnorm.models.methods import BackboneFactory, register_method
 from mtnorm.norm import PerTask, TaskHeads

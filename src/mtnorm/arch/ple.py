@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mtnorm.arch.base import Architecture, TaskModules, active_tasks
+from mtnorm.arch.base import Architecture, TaskModules, active_tasks, convert_shared
 from mtnorm.arch.experts import (
     GateFeatures,
     SoftmaxGate,
@@ -20,7 +20,6 @@ from mtnorm.arch.experts import (
     level_bounds,
     parse_options,
     stage_count_error,
-    task_norms,
 )
 from mtnorm.arch.stages import stage_shapes, stages_of
 from mtnorm.models.methods import BackboneFactory, register_method
@@ -179,7 +178,7 @@ def _build_levels(
     def expert(level: int, shared: bool) -> nn.Module:
         start, stop = bounds[level], bounds[level + 1]
         part = StageSlice(backbone_factory("bn"), start, None if levels == 1 else stop, examples[level])
-        return task_norms(part, tasks, norm) if shared else part
+        return convert_shared(part, tasks, norm) if shared else part
 
     built = []
     for level in range(levels):

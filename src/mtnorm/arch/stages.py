@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mtnorm.arch.base import holds_norm
+
 Stage = Callable[[torch.Tensor, dict], torch.Tensor]
 """``stage(x, carry) -> x``: one stage of a backbone's forward pass."""
 
@@ -48,17 +50,10 @@ _ACTIVATIONS = (
 )
 
 
-def _holds_norm(module: nn.Module) -> bool:
-    from mtnorm.norm.batchnorm import TaskNorm
-    from mtnorm.norm.registry import is_norm
-
-    return any(isinstance(m, TaskNorm) or is_norm(m) for m in module.modules())
-
-
 def _ends_stage(child: nn.Module) -> bool:
     if isinstance(child, _ACTIVATIONS):
         return True
-    return len(list(child.children())) > 0 and _holds_norm(child)
+    return len(list(child.children())) > 0 and holds_norm(child)
 
 
 def sequential_groups(backbone: nn.Sequential) -> list[list[nn.Module]]:
