@@ -12,15 +12,20 @@ from mtnorm.models.methods import (
     default_norm_lr_mult,
     register_method,
 )
+from mtnorm.models.resnet import ResNet18, ResNet50
 from mtnorm.models.segnet import DenseHead, PooledHead, SegNet
+from mtnorm.models.segnet_mtan import MTANSegNet
 from mtnorm.models.toy import ToyEncoder, make_toy
 
 __all__ = [
     "NORM_KINDS",
     "DenseHead",
     "LeNetEncoder",
+    "MTANSegNet",
     "MultiTaskNet",
     "PooledHead",
+    "ResNet18",
+    "ResNet50",
     "SegNet",
     "SingleTaskNets",
     "ToyEncoder",

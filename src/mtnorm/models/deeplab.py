@@ -61,9 +61,19 @@ class ASPPHead(nn.Module):
 
 
 class CelebACNN(nn.Sequential):
-    """The CelebA backbone of the FAMO / Nash-MTL protocol: four conv-norm-ReLU-pool blocks, pooled.
+    """A CelebA backbone: four conv-norm-ReLU-pool blocks, global average pooling.
 
-    64x64 RGB in, a ``channels[-1]``-dimensional vector out.
+    64x64 RGB in, a ``channels[-1]``-dimensional vector out. At ``channels=(64, 128, 256, 512)`` (the
+    config's ``width: 64``) it has 1,551,936 parameters (tests/models/test_protocol_backbones.py).
+
+    This is *smaller than* the reference network of the CelebA protocol the paper adopts (FAMO,
+    Liu et al. 2024, ``experiments/celeba/models.py``; also used by FairGrad, Ban & Ji 2024; Nash-MTL
+    has no CelebA experiment). That network is seven bias-free 3x3 conv-BN-ReLU layers, 64 | 128, 128 |
+    256, 256 | 512, 512, with 2x2 max-pooling after the first three groups (not after the last),
+    global average pooling, then two Linear(512, 512, bias=False)-BatchNorm1d-ReLU layers and one
+    Linear(512, 1) head per attribute: 5,176,640 encoder parameters. Ours is kept as is (one
+    convolution per block, a pool after each, no MLP), so CelebA numbers from it are not the paper's
+    protocol.
     """
 
     def __init__(

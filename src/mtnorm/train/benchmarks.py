@@ -19,8 +19,9 @@ from mtnorm.data.spec import TaskSpec
 from mtnorm.data.spec import classification as classification_spec
 from mtnorm.models.deeplab import ASPPHead, BinaryHead, CelebACNN
 from mtnorm.models.lenet import LeNetEncoder, linear_heads
-from mtnorm.models.resnet import ResNet50
+from mtnorm.models.resnet import ResNet18, ResNet50
 from mtnorm.models.segnet import DenseHead, PooledHead, SegNet
+from mtnorm.models.segnet_mtan import MTAN_FILTERS, MTANSegNet
 from mtnorm.models.toy import ToyEncoder, make_toy
 from mtnorm.train.config import Config, ConfigError
 
@@ -179,17 +180,28 @@ def _toy(cfg: Config) -> Benchmark:
 
 
 def _dense_backbone(cfg: Config) -> tuple[Callable[[str], nn.Module], Callable[[int, bool], nn.Module]]:
-    """SegNet (MTAN protocol, from scratch) or DeepLabV3-ResNet50 (LibMTL protocol)."""
+    """The backbone and head of a dense benchmark, by ``model.backbone``:
+
+    * ``segnet`` (``default``): the configurable :class:`SegNet` (``width``, ``levels``, ``max_width``);
+    * ``segnet_mtan``: MTAN's SegNet exactly (:class:`MTANSegNet`, 64..512, from scratch), DenseHead on 64;
+    * ``resnet50`` / ``resnet18``: DeepLabV3, the dilated ResNet (output stride 8) and an ASPP head on
+      2048 / 512 channels (LibMTL protocol; ``model.checkpoint`` for pretrained weights).
+    """
     m = cfg.model
     if m.backbone in ("segnet", "default"):
         return (
             lambda norm: SegNet(3, m.width, m.levels, norm, max_width=m.max_width),
             lambda out, unit: DenseHead(m.width, out, unit),
         )
+    if m.backbone == "segnet_mtan":
+        return lambda norm: MTANSegNet(3, norm), lambda out, unit: DenseHead(MTAN_FILTERS[0], out, unit)
     if m.backbone == "resnet50":
         return lambda norm: ResNet50(3, norm), lambda out, unit: ASPPHead(2048, out, normalize=unit)
+    if m.backbone == "resnet18":
+        return lambda norm: ResNet18(3, norm), lambda out, unit: ASPPHead(512, out, normalize=unit)
     raise ConfigError(
-        f"model.backbone: {m.backbone!r} is not available for dense tasks; use segnet or resnet50"
+        f"model.backbone: {m.backbone!r} is not available for dense tasks; "
+        "use segnet, segnet_mtan, resnet50 or resnet18"
     )
 
 
@@ -222,11 +234,11 @@ def _dense(name: str) -> Callable[[Config], Benchmark]:
 def _celeba(cfg: Config) -> Benchmark:
     from mtnorm.data import CelebA
 
+    backbone, make_heads = _celeba_backbone(cfg)  # a wrong backbone is refused before data is read
     root = _require_root("celeba", cfg)
     train = _open("celeba", lambda: CelebA(root, "train"))
     specs = train.task_specs()
     tasks = _select(specs, cfg.data.tasks, tuple(specs))
-    m = cfg.model
 
     def load(cfg: Config) -> tuple[Split, Split]:
         return as_split(train, tasks), as_split(_open("celeba", lambda: CelebA(root, "test")), tasks)
@@ -236,8 +248,31 @@ def _celeba(cfg: Config) -> Benchmark:
         tasks,
         {t: specs[t] for t in tasks},
         load,
-        lambda norm: CelebACNN(3, (m.width, 2 * m.width, 4 * m.width, 8 * m.width), norm),
-        lambda: {t: BinaryHead(8 * m.width) for t in tasks},
+        backbone,
+        lambda: make_heads(tasks),
+    )
+
+
+def _celeba_backbone(
+    cfg: Config,
+) -> tuple[Callable[[str], nn.Module], Callable[[tuple[str, ...]], dict[str, nn.Module]]]:
+    """CelebA's backbone by ``model.backbone``: ``default`` is :class:`CelebACNN` (channels ``width`` x
+    1, 2, 4, 8), ``resnet18`` the undilated ResNet-18 with a pooled linear head per attribute (the
+    CelebA setup of Sener & Koltun 2018)."""
+    m = cfg.model
+    if m.backbone == "default":
+        return (
+            lambda norm: CelebACNN(3, (m.width, 2 * m.width, 4 * m.width, 8 * m.width), norm),
+            lambda tasks: {t: BinaryHead(8 * m.width) for t in tasks},
+        )
+    if m.backbone == "resnet18":
+        return (
+            lambda norm: ResNet18(3, norm, dilated=False),
+            lambda tasks: {t: PooledHead(512) for t in tasks},
+        )
+    raise ConfigError(
+        f"model.backbone: {m.backbone!r} is not available for celeba; "
+        "use default (the CelebA CNN) or resnet18"
     )
 
 

@@ -100,7 +100,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "forward_mode": ("auto", "sequential", "batched"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "step", "cosine"),
-    "model.backbone": ("default", "segnet", "resnet50"),
+    "model.backbone": ("default", "segnet", "segnet_mtan", "resnet50", "resnet18"),
 }
 
 
