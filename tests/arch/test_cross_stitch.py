@@ -46,14 +46,7 @@ BACKBONES = {
 GRID = [(a, b) for a in ARCHS for b in BACKBONES]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These shapes are tiny: on a busy 2-core machine intra-op threads cost 10-40x (measured: a
-    2-epoch toy run 0.13 s on one thread, 0.85-4.8 s on two under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(backbone: str, seed: int = 1, dtype: torch.dtype = torch.float64) -> torch.Tensor:

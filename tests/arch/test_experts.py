@@ -36,13 +36,7 @@ BACKBONES = {
 GRID = [(a, b) for a in ARCHS for b in BACKBONES]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: one thread is faster, and far faster when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def build(arch: str, backbone: str, tasks=TASKS, seed: int = 0, **options) -> tuple[nn.Module, torch.Tensor]:

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_cross_stitch import BACKBONES, TASKS, build, inputs, loss_of, one_thread, targets  # noqa: F401
+from test_cross_stitch import BACKBONES, TASKS, build, inputs, loss_of, targets
 from torch import nn
 
 import mtnorm
 from mtnorm.arch.ltb import Branching, LearningToBranch
 from mtnorm.arch.stages import sequential_groups, stages_of
 from mtnorm.models import LeNetEncoder
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def set_tree(model: LearningToBranch, parents: list[list[int]], heads: list[int]) -> None:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_cross_stitch import BACKBONES, TASKS, build, inputs, one_thread  # noqa: F401
+from test_cross_stitch import BACKBONES, TASKS, build, inputs
 from torch import nn
 
 import mtnorm
 from mtnorm.arch.mtan import MTAN, AttentionStage, attention_branch
 from mtnorm.models import PooledHead, build_method
 from mtnorm.models.resnet import ResNet50
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def open_masks(model: MTAN) -> None:

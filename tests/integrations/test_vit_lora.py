@@ -46,13 +46,7 @@ def swin_t(**kw) -> TimmBackbone:
     return timm_backbone("swin_tiny_patch4_window7_224", img_size=64, **kw)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny inputs: one thread is faster, and far faster when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # timm's own init of the full models takes seconds on a shared CPU: built once, copied per test

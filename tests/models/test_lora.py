@@ -17,13 +17,7 @@ TASKS = ("seg", "depth")
 DIM, HIDDEN, DEPTH, RANK = 16, 32, 2, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny inputs: one thread is faster, and far faster when other processes load the CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Attention(nn.Module):
