@@ -214,6 +214,26 @@ def gradient_conflict(run: str | Path) -> dict[str, Any] | None:
 # --------------------------------------------------------------------------- figures
 
 
+def _task_matrix(plt: Any, matrix: Any, tasks: Sequence[str], cmap: str, fmt: str, label: str) -> tuple:
+    """A ``[T, T]`` heat map with a colour scale symmetric about 0 and the values written in the
+    cells (up to 12 tasks); returns ``(fig, ax)``."""
+    import numpy as np
+
+    t = len(tasks)
+    fig, ax = plt.subplots(figsize=(max(4, 0.7 * t + 2), max(3, 0.6 * t + 1.5)))
+    bound = max(1e-12, float(np.abs(matrix).max()))
+    im = ax.imshow(matrix, cmap=cmap, vmin=-bound, vmax=bound)
+    ax.set_xticks(range(t), tasks, rotation=90)
+    ax.set_yticks(range(t), tasks)
+    if t <= 12:
+        for i in range(t):
+            for j in range(t):
+                color = "w" if abs(matrix[i, j]) > bound / 2 else "k"
+                ax.text(j, i, fmt.format(matrix[i, j]), ha="center", va="center", fontsize=7, color=color)
+    fig.colorbar(im, ax=ax, label=label)
+    return fig, ax
+
+
 def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -245,19 +265,9 @@ def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, s
 
     if "affinity" in data:
         a = data["affinity"]
-        z = np.array(a["matrix"])
-        fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(tasks) + 2), max(3, 0.5 * len(tasks) + 1.5)))
-        bound = max(1e-12, float(np.abs(z).max()))
-        im = ax.imshow(z, cmap="RdBu", vmin=-bound, vmax=bound)
-        ax.set_xticks(range(len(tasks)), tasks, rotation=90)
-        ax.set_yticks(range(len(tasks)), tasks)
+        fig, ax = _task_matrix(plt, np.array(a["matrix"]), tasks, "RdBu", "{:.1e}", "Z (blue: helps)")
         ax.set_xlabel("task whose loss is measured")
         ax.set_ylabel("task stepped")
-        if len(tasks) <= 12:
-            for i in range(len(tasks)):
-                for j in range(len(tasks)):
-                    ax.text(j, i, f"{z[i, j]:.1e}", ha="center", va="center", fontsize=7)
-        fig.colorbar(im, ax=ax, label="Z (blue: helps)")
         ax.set_title(f"ATI {a['ati']:.2e}", fontsize=9)
         save(fig, "affinity", f"Lookahead affinity (TAG): Z[i→j] = 1 − L_j after an SGD step (lr "
              f"{a['lr']:g}) on task i alone / L_j before, over {a['batches']} training batches; "
@@ -346,19 +356,9 @@ def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, s
 
     if "pruning" in data:
         d = np.array(data["pruning"]["drop"])
-        fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(tasks) + 2), max(3, 0.6 * len(tasks) + 1.5)))
-        bound = max(1e-9, float(np.abs(d).max()))
-        im = ax.imshow(d, cmap="RdBu_r", vmin=-bound, vmax=bound)
-        ax.set_xticks(range(len(tasks)), tasks, rotation=90)
-        ax.set_yticks(range(len(tasks)), tasks)
+        fig, ax = _task_matrix(plt, d, tasks, "RdBu_r", "{:.1f}", "relative drop %")
         ax.set_xlabel("task evaluated")
         ax.set_ylabel("task whose filters were pruned")
-        for i in range(len(tasks)):
-            for j in range(len(tasks)):
-                if len(tasks) <= 12:
-                    color = "w" if abs(d[i, j]) > bound / 2 else "k"
-                    ax.text(j, i, f"{d[i, j]:.1f}", ha="center", va="center", fontsize=8, color=color)
-        fig.colorbar(im, ax=ax, label="relative drop %")
         save(fig, "pruning", f"Pruning (§5.3, Fig. 4 right): relative drop of each task after closing "
              f"the top-{data['pruning']['k']} filters specialized for the row's task.")
     return figures
