@@ -13,7 +13,8 @@ VGG-16-shaped: filters 64-128-256-512-512, 13 encoder and 13 decoder 3x3 conv-no
 
 MTAN's ``conv_layer`` keeps the convolution's bias in front of BatchNorm (redundant under BN, 0.03% of
 the parameters); ``bias=True`` (default) reproduces it, ``bias=False`` drops it. With ``norm="none"`` the
-bias is always kept. Norms come from :func:`~mtnorm.models.factory.norm_layer`.
+bias is always kept. Convolutions are initialized as in MTAN (Xavier-normal weights, zero bias). Norms
+come from :func:`~mtnorm.models.factory.norm_layer`.
 
 The smaller :class:`~mtnorm.models.segnet.SegNet` (two convolutions per level, configurable width) stays
 what the FashionScenes benchmark uses.
@@ -83,6 +84,12 @@ class MTANSegNet(nn.Module):
             )
         self.filters = f
         self.out_channels = f[0]
+        # MTAN's initialization: Xavier-normal convolutions with zero bias (norms keep weight 1, bias 0)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_normal_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def stages(self) -> list:
         """Each encoder level (ending in max-pooling), each decoder level (starting with max-unpooling):
