@@ -43,7 +43,7 @@ class DataConfig:
 class ModelConfig:
     """Backbone size; which fields matter depends on the benchmark's backbone."""
 
-    backbone: str = "default"  # the benchmark's own; dense benchmarks: segnet | resnet50
+    backbone: str = "default"  # the benchmark's own; dense: segnet | segnet_mtan | resnet50 | resnet18
     width: int = 16
     hidden: int = 128
     levels: int = 3
