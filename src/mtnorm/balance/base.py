@@ -17,7 +17,7 @@ trainer just adds ``balancer.parameters()`` to its optimizer.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -29,7 +29,12 @@ from mtnorm.balance import grads as _grads
 
 
 class NonFiniteError(FloatingPointError, ValueError):
-    """A loss or gradient is NaN or infinite; raised before any parameter's ``.grad`` changes."""
+    """A loss or gradient is NaN or infinite; raised before any parameter's ``.grad`` changes.
+
+    ``kind`` says which: ``"loss"`` or ``"gradient"``.
+    """
+
+    kind: str = "gradient"
 
 
 class Combination(NamedTuple):
@@ -53,6 +58,7 @@ class Diagnostics:
     ``grad_norms`` and ``cosines`` describe the per-task gradients the method combined (with
     respect to ``rep`` in representation mode); they are ``None`` on the cheap path of loss
     weighting, which never forms per-task gradients (ask for them with ``diagnostics=True``).
+    ``losses`` are the loss values the method used (with ``reduce``: the averaged ones).
     """
 
     tasks: tuple[str, ...]
@@ -61,6 +67,7 @@ class Diagnostics:
     loss_scale: Tensor
     grad_norms: Tensor | None = None
     cosines: Tensor | None = None
+    losses: Tensor | None = None
 
     def as_dict(self) -> dict[str, float]:
         """Flat ``{name: value}`` for a logger: ``weight/<task>``, ``grad_norm/<task>``, ``cos/<a>/<b>``."""
@@ -145,6 +152,7 @@ class Balancer(nn.Module):
         rep: Tensor | None = None,
         grad_mode: str = "auto",
         diagnostics: bool = False,
+        reduce: Callable[[Tensor], Tensor] | None = None,
     ) -> Diagnostics:
         """Compute the method's gradients and add them to ``.grad`` (like ``Tensor.backward``).
 
@@ -162,6 +170,17 @@ class Balancer(nn.Module):
                 ``rep``) or ``"auto"``: ``"rep"`` when ``rep`` is given, else ``"autograd"``; loss
                 weighting skips per-task gradients altogether and backpropagates its weighted sum.
             diagnostics: force per-task gradients (norms and cosines) for loss weighting too.
+            reduce: data parallelism. A callable taking one flat 1-D tensor and returning it
+                averaged over processes (e.g. ``mtnorm.train.distributed.average_flat_``); each
+                process passes the losses of its shard of the global batch. With per-task
+                gradients the flat tensor holds the ``T`` loss values, then ``G`` (``T x P``),
+                then every task-specific gradient: ONE call per step, after which every process
+                combines the global batch's losses and per-task gradients (the method is
+                nonlinear: PCGrad of averaged gradients is not the average of PCGrads). Loss
+                weighting makes two calls: the ``T`` loss values before the weights, then the
+                gradient of the one weighted backward. The checks of losses and gradients run on
+                the averaged values, so every process raises, or not, together. Not with ``rep``
+                (the gradients of a representation are per sample, not averageable).
 
         Raises:
             KeyError: a task is missing from ``losses`` or unknown.
@@ -175,25 +194,33 @@ class Balancer(nn.Module):
                     "computed under torch.no_grad() or detached, so backward would write nothing"
                 )
         values = torch.stack([loss.detach().reshape(()) for loss in loss_list])
-        self._check_finite(values, "loss")
-        self._check_positive(values)
+        if reduce is None:
+            self._check_values(values)
         shared = _grads.unique(shared)
         _warn_task_specific(shared)
         mode = _grads.resolve_mode(grad_mode, rep, cheap=not self.requires_grads and not diagnostics)
+        if reduce is not None and mode == "rep":
+            raise ValueError("reduce= cannot average gradients with respect to rep (they are per sample)")
 
         if mode == "weighted":
+            if reduce is not None:
+                values = reduce(values.clone())
+                self._check_values(values)
             # The weights come first (they may advance state and learned-weight gradients); a
             # non-finite gradient found afterwards rolls both back.
             snapshot = self._snapshot()
             weights = self.loss_weights(values)
             try:
-                self._weighted_backward(loss_list, weights)
+                self._weighted_backward(loss_list, weights, reduce)
             except NonFiniteError:
                 self._restore(snapshot)
                 raise
-            result = Diagnostics(names, self.step, weights.detach(), weights.detach())
+            result = Diagnostics(names, self.step, weights.detach(), weights.detach(), losses=values)
         else:
             task_grads = _grads.task_gradients(loss_list, shared, mode, rep=rep)
+            if reduce is not None:
+                values = _grads.reduce_task_grads(task_grads, values, reduce)
+                self._check_values(values)
             self._check_finite_rows(task_grads.shared, "gradient")
             for t, specific in enumerate(task_grads.specific):
                 self._check_finite_list(specific.values(), t)
@@ -215,6 +242,7 @@ class Balancer(nn.Module):
                 out.loss_scale.detach(),
                 grad_norms=g.norm(dim=1),
                 cosines=cosine_matrix(g),
+                losses=values,
             )
         self.step += 1
         return result
@@ -224,8 +252,11 @@ class Balancer(nn.Module):
         raise TypeError(f"{type(self).__name__} is a gradient method; it has no loss weights")
 
     # ---------------------------------------------------------------- helpers
-    def _weighted_backward(self, loss_list: list[Tensor], weights: Tensor) -> None:
-        """The cheap path: one backward of ``sum_t w_t l_t`` into temporaries, checked, then added."""
+    def _weighted_backward(
+        self, loss_list: list[Tensor], weights: Tensor, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> None:
+        """The cheap path: one backward of ``sum_t w_t l_t`` into temporaries, (averaged over
+        processes by ``reduce``,) checked, then added."""
         objective = torch.stack([loss.reshape(()) for loss in loss_list])
         objective = (objective * weights.to(objective.dtype).detach()).sum()
         params = _grads.reachable_parameters(objective)
@@ -234,6 +265,8 @@ class Balancer(nn.Module):
         # Retained so that the rare error path below can still find the culprit task.
         grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if reduce is not None:
+            grads = _grads.reduce_flat(grads, reduce)
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             # Rare path: find the culprit task, which the summed gradient cannot tell.
             bad = _grads.nonfinite_tasks(loss_list, params)
@@ -279,9 +312,15 @@ class Balancer(nn.Module):
 
     def _raise_nonfinite(self, what: str, bad: list[int]) -> None:
         names = ", ".join(self._task_name(t) for t in bad)
-        raise NonFiniteError(
+        err = NonFiniteError(
             f"non-finite {what} for task {names} at step {self.step}; no gradient was written"
         )
+        err.kind = what
+        raise err
+
+    def _check_values(self, values: Tensor) -> None:
+        self._check_finite(values, "loss")
+        self._check_positive(values)
 
     def _check_finite(self, values: Tensor, what: str) -> None:
         ok = torch.isfinite(values)

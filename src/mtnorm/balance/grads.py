@@ -206,6 +206,27 @@ def accumulate_flat(params: Sequence[Tensor], flat: Tensor) -> None:
     accumulate(params, [g.view_as(p) for g, p in zip(pieces, params)])
 
 
+def reduce_flat(tensors: Sequence[Tensor], reduce) -> list[Tensor]:  # noqa: ANN001
+    """``reduce`` (e.g. an all-reduce mean) applied once to ``tensors`` concatenated; new tensors of
+    the same shapes and dtypes."""
+    if not tensors:
+        return []
+    flat = reduce(torch.cat([t.detach().reshape(-1) for t in tensors]))
+    pieces = flat.split([t.numel() for t in tensors])
+    return [g.view_as(t).to(t.dtype) for g, t in zip(pieces, tensors)]
+
+
+def reduce_task_grads(task_grads: TaskGrads, values: Tensor, reduce) -> Tensor:  # noqa: ANN001
+    """One ``reduce`` call on the loss values, ``G`` and every task-specific gradient, in that
+    order; ``task_grads`` is updated in place and the reduced values are returned."""
+    specific = [g for grads in task_grads.specific for g in grads.values()]
+    out = reduce_flat([values.to(task_grads.shared.dtype), task_grads.shared, *specific], reduce)
+    task_grads.shared = out[1]
+    it = iter(out[2:])
+    task_grads.specific = [{param: next(it) for param in grads} for grads in task_grads.specific]
+    return out[0].to(values.dtype)
+
+
 def nonfinite_tasks(losses: Sequence[Tensor], params: Sequence[Tensor]) -> list[int]:
     """The tasks whose own gradient (over ``params``) has a NaN or inf (error path only)."""
     bad = []

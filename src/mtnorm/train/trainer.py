@@ -208,12 +208,12 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.loss_scale = LossScale(cfg.precision == "fp16")
-        needs_hooks = self.loss_scale.enabled or self.world.distributed
-        self.grad_transform = (
-            GradientTransform(self.model.parameters(), ddp.average if self.world.distributed else None)
-            if needs_hooks
-            else None
-        )
+        # "flat": one all-reduce of every gradient (and, for gradient balancers, of the per-task
+        # gradients before they are combined) per step; "hooks": one per parameter and task pass
+        self.grad_sync = ddp.grad_sync() if self.world.distributed else None
+        hook_reduce = ddp.average if self.grad_sync == "hooks" else None
+        needs_hooks = self.loss_scale.enabled or hook_reduce is not None
+        self.grad_transform = GradientTransform(self.model.parameters(), hook_reduce) if needs_hooks else None
 
         self.out = Path(cfg.out)
         self.epoch = 0
@@ -370,6 +370,14 @@ class Trainer:
         values /= self.world.size
         return {t: l + (v - l.detach()) for (t, l), v in zip(losses.items(), values)}
 
+    def _check_losses(self, names: Sequence[str], values: torch.Tensor) -> None:
+        bad = [t for t, v in zip(names, values.tolist()) if not math.isfinite(v)]
+        if bad:
+            raise TrainingError(
+                f"non-finite loss for task {', '.join(map(repr, bad))} at step {self.global_step} "
+                f"(epoch {self.epoch}); {self._last_good()}"
+            )
+
     def train_step(self, index: torch.Tensor) -> dict[str, float]:
         """One optimizer step on the global batch ``index`` (this process's shard of it)."""
         cfg = self.cfg
@@ -380,18 +388,19 @@ class Trainer:
         with autocast(self.device, cfg.precision):
             out = forward_tasks(self.model, x, mode=self.train_forward_mode)
         losses = task_losses(out, y, self.losses)
-        if self.world.distributed:
+        flat = self.grad_sync == "flat"
+        if self.grad_sync == "hooks":
             losses = self._global_losses(losses)
-        values = {t: float(l.detach()) for t, l in losses.items()}
-        bad = [t for t, v in values.items() if not math.isfinite(v)]
-        if bad:
-            raise TrainingError(
-                f"non-finite loss for task {', '.join(map(repr, bad))} at step {self.global_step} "
-                f"(epoch {self.epoch}); {self._last_good()}"
-            )
+        # under the flat sync these are this shard's losses until the step's one collective
+        # averages them; the finiteness check waits for it, so every process raises or none
+        names = list(losses)
+        values = torch.stack([l.detach().reshape(()) for l in losses.values()])
+        if not flat:
+            self._check_losses(names, values)
         if cfg.conflict_every and self.global_step % cfg.conflict_every == 0:
             self._record_conflict(losses)
-        if any(w != 1.0 for w in self.loss_weights.values()):  # logged values stay unweighted
+        weighted = any(w != 1.0 for w in self.loss_weights.values())
+        if weighted:  # logged values stay unweighted
             losses = {t: l * self.loss_weights[t] for t, l in losses.items()}
         if self.grad_transform is not None:
             self.grad_transform.scale = self.loss_scale.scale
@@ -402,9 +411,20 @@ class Trainer:
         try:
             if self.balancer is None:
                 torch.stack(list(losses.values())).sum().backward()
+                if flat:
+                    values = ddp.average_grads(self.model.parameters(), head=values)
+                    self._check_losses(names, values)
             else:
-                self.balancer.backward(losses, self.shared)
+                diag = self.balancer.backward(losses, self.shared, reduce=ddp.average_flat_ if flat else None)
+                if flat:  # the averaged (weighted) losses, in the balancer's task order
+                    names, values = list(self.balancer.tasks), diag.losses.to(values.dtype)
+                    if weighted:
+                        values = values / torch.tensor([self.loss_weights[t] for t in names]).to(values)
         except balance.NonFiniteError as e:
+            if flat and e.kind == "loss":
+                raise TrainingError(
+                    f"{e} (epoch {self.epoch}, global step {self.global_step}); {self._last_good()}"
+                ) from None
             if not self.loss_scale.enabled:
                 raise TrainingError(
                     f"{e} (epoch {self.epoch}, global step {self.global_step}); {self._last_good()}"
@@ -419,7 +439,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.loss_scale.update(overflow)
-        return values
+        return dict(zip(names, values.tolist()))
 
     def _record_conflict(self, losses: dict[str, torch.Tensor]) -> None:
         """Per-filter cosines of the task gradients on the shared convolutions, appended to

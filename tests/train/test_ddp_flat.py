@@ -1,0 +1,223 @@
+"""The flat gradient all-reduce of distributed training (``MTNORM_GRAD_SYNC=flat``, the default).
+
+* 2 gloo processes reach the parameters of one process on the same global batch for equal
+  weighting, two loss weightings (UW, DWA) and two gradient balancers (PCGrad, DB-MTL), with the
+  two ranks bit-identical to each other. Tolerance: 1e-5 absolute + 1e-4 relative (measured:
+  a few 1e-7; the runs differ only in the order of float32 additions over the batch).
+* Collectives per step, counted by wrapping ``torch.distributed.all_reduce`` in the workers and
+  attributing each call to the file that issued it: exactly 1 gradient collective per step
+  (2 for loss weighting: the loss values, then the gradient) plus the stop flag, against one per
+  parameter and task pass on the ``hooks`` path. The task-norm statistics' collectives
+  (``mtnorm/norm/sync.py``) are counted apart: they are activations, not gradients.
+* Without processes: ``Balancer.backward(reduce=...)`` on two half batches, with a ``reduce``
+  that averages the two halves' flat tensors, equals the backward on the whole batch.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+CASES = [("tssbn", "ew"), ("tsbn", "uw"), ("tssbn", "dwa"), ("tssbn", "pcgrad"), ("tsbn", "db_mtl")]
+# per step: (gradient collectives, other trainer collectives) on the flat path
+EXPECTED = {"ew": (1, 1), "uw": (2, 1), "dwa": (2, 1), "pcgrad": (1, 1), "db_mtl": (1, 1)}
+HOOK_CASE = ("tssbn", "pcgrad")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(out: Path, method: str, balancer: str):
+    from train_helpers import toy_config
+
+    # 1 epoch of 4 steps with a global batch of 64 (32 per process)
+    return toy_config(
+        out,
+        method=method,
+        balancer=balancer,
+        epochs=1,
+        data={"n_train": 256, "batch_size": 64},
+        optim={"scheduler": "none"},
+    )
+
+
+def _origin(filename: str) -> str:
+    if filename.endswith(os.path.join("train", "distributed.py")):
+        return "grad"
+    if filename.endswith(os.path.join("norm", "sync.py")):
+        return "norm"
+    return "other"
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch.distributed as dist
+
+    from mtnorm.train import Trainer
+
+    calls: list[str] = []
+    original = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
+        calls.append(_origin(sys._getframe(1).f_code.co_filename))
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        for sync in ("flat", "hooks"):
+            os.environ["MTNORM_GRAD_SYNC"] = sync
+            for method, balancer in CASES if sync == "flat" else [HOOK_CASE]:
+                marks: list[int] = []
+                trainer = Trainer(
+                    _config(Path(out) / f"{sync}-{method}-{balancer}", method, balancer),
+                    callbacks=[lambda _t, marks=marks: marks.append(len(calls))],
+                    log=None,
+                )
+                trainer.fit()
+                # the collectives of steps 2..4 (each preceded by its stop flag)
+                steps = [Counter(calls[a:b]) for a, b in zip(marks, marks[1:])]
+                state = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
+                n_params = sum(1 for p in trainer.model.parameters() if p.requires_grad)
+                torch.save(
+                    {"state": state, "steps": steps, "n_params": n_params},
+                    Path(out) / f"{sync}-{method}-{balancer}-rank{rank}.pt",
+                )
+    finally:
+        dist.all_reduce = original
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def spawned(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    return out
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("method", "balancer"), CASES)
+def test_flat_sync_matches_one_process(spawned, method, balancer):
+    from mtnorm.train import Trainer
+
+    single = Trainer(_config(spawned / "single" / f"{method}-{balancer}", method, balancer), log=None)
+    single.fit()
+    expected = single.model.state_dict()
+    ranks = [torch.load(spawned / f"flat-{method}-{balancer}-rank{r}.pt")["state"] for r in range(2)]
+    for name, value in expected.items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), f"ranks differ: {name}"
+        if not value.is_floating_point():
+            assert torch.equal(value, ranks[0][name]), name
+            continue
+        torch.testing.assert_close(ranks[0][name], value, atol=1e-5, rtol=1e-4, msg=f"{balancer} {name}")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("method", "balancer"), CASES)
+def test_flat_sync_collectives_per_step(spawned, method, balancer):
+    record = torch.load(spawned / f"flat-{method}-{balancer}-rank0.pt")
+    grad, other = EXPECTED[balancer]
+    assert len(record["steps"]) == 3
+    for step in record["steps"]:
+        assert step["grad"] == grad, step
+        assert step["other"] == other, step  # the stop flag; no separate loss all-reduce
+
+
+@pytest.mark.distributed
+def test_hook_path_issues_one_collective_per_parameter_and_task(spawned):
+    method, balancer = HOOK_CASE
+    record = torch.load(spawned / f"hooks-{method}-{balancer}-rank0.pt")
+    flat = torch.load(spawned / f"flat-{method}-{balancer}-rank0.pt")
+    # toy has 2 tasks; every task pass reaches the shared parameters and its own
+    for step in record["steps"]:
+        assert step["grad"] > record["n_params"], step
+        assert step["other"] == 2, step  # the loss values and the stop flag
+        assert step["norm"] == flat["steps"][0]["norm"]
+    # and the same parameters as the flat path
+    for name, value in flat["state"].items():
+        if value.is_floating_point():
+            torch.testing.assert_close(record["state"][name], value, atol=1e-5, rtol=1e-4)
+
+
+def _toy_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    shared = torch.nn.Linear(6, 5)
+    heads = torch.nn.ModuleList([torch.nn.Linear(5, 1), torch.nn.Linear(5, 1)])
+    x, y = torch.randn(16, 6), torch.randn(16, 2)
+    return shared, heads, x, y
+
+
+def _losses(shared, heads, x, y):
+    z = torch.relu(shared(x))
+    # positive losses (UW/DB-MTL take their logarithm); opposite-ish targets make PCGrad project
+    return {
+        "a": (heads[0](z)[:, 0] - y[:, 0]).square().mean() + 0.1,
+        "b": (heads[1](z)[:, 0] + 3 * y[:, 0]).square().mean() + 0.1,
+    }
+
+
+@pytest.mark.parametrize("name", ["pcgrad", "db_mtl", "uw"])
+def test_reduce_on_two_half_batches_equals_the_whole_batch(name):
+    """Two threads play two ranks; ``reduce`` averages their flat tensors through a barrier."""
+    import threading
+
+    from mtnorm import balance
+
+    problems = [_toy_problem() for _ in range(3)]  # built here: threads must not share the RNG
+
+    def run(balancer, parts, reduce, problem):
+        shared, heads, x, y = problem
+        params = [*shared.parameters(), *heads.parameters()]
+        losses = _losses(shared, heads, x[parts], y[parts])
+        diag = balancer.backward(losses, list(shared.parameters()), reduce=reduce)
+        return [p.grad.clone() for p in params], diag
+
+    slots: list = [None, None]
+    barrier = threading.Barrier(2)
+    calls = [0, 0]
+
+    def reduce_for(rank):
+        def reduce(flat):
+            calls[rank] += 1
+            slots[rank] = flat.clone()
+            barrier.wait()
+            out = (slots[0] + slots[1]) / 2
+            barrier.wait()
+            return out
+
+        return reduce
+
+    results: list = [None, None]
+
+    def rank(r):
+        balancer = balance.get(name, tasks=["a", "b"])
+        results[r] = run(balancer, slice(8 * r, 8 * r + 8), reduce_for(r), problems[r])
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls == ([2, 2] if name == "uw" else [1, 1])
+    want, whole = run(balance.get(name, tasks=["a", "b"]), slice(0, 16), None, problems[2])
+    for got, diag in results:
+        torch.testing.assert_close(diag.losses, whole.losses)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-5)
+    for g0, g1 in zip(results[0][0], results[1][0]):
+        assert torch.equal(g0, g1)
