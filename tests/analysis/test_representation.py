@@ -116,3 +116,21 @@ def test_tsne_embedding_when_scikit_learn_is_installed():
     assert all(np.allclose(emb[t], again[t]) for t in TASKS)  # seeded: reproducible
     with pytest.raises(ValueError, match="perplexity"):
         representation_embedding(tssbn_model(), X, perplexity=100.0)
+
+
+@pytest.mark.parametrize("method", ["mtan", "mmoe", "cross_stitch"])
+def test_architectures_give_each_task_its_own_head_input(method):
+    from mtnorm.analysis.affinity import lookahead_affinity
+    from mtnorm.models import ToyEncoder, build_method, linear_heads, make_toy
+
+    torch.manual_seed(0)
+    tasks = ("a", "b")
+    x, y = make_toy(16, tasks)
+    model = build_method(method, lambda norm: ToyEncoder(8, 6, norm), tasks, linear_heads(tasks, 6, 3),
+                         example_input=x[:2])
+    reps = task_representations(model, x)
+    assert set(reps) == set(tasks) and all(r.shape == (16, 6) for r in reps.values())
+    assert not torch.equal(reps["a"], reps["b"])  # each task reads its own mixture / attention
+    loss = {t: torch.nn.functional.cross_entropy for t in tasks}
+    z = lookahead_affinity(model, [(x, y)], loss, lr=0.1)
+    assert z.shape == (2, 2) and torch.isfinite(z).all()

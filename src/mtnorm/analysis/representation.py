@@ -46,7 +46,7 @@ def _task_heads(model: nn.Module) -> TaskHeads:
 def task_representations(
     model: nn.Module, x: Any, tasks: Sequence[str] | None = None, train: bool = False
 ) -> dict[str, torch.Tensor]:
-    """``{task: [N, D]}``: the input of the model's :class:`mtnorm.TaskHeads` under
+    """``{task: [N, D]}``: the input of task's head in the model's :class:`mtnorm.TaskHeads` under
     ``use_task(model, task)``, flattened after the batch dimension (a ``[N, C, H, W]`` feature map
     gives ``D = C·H·W``), detached.
 
@@ -63,19 +63,23 @@ def task_representations(
 
     flags = [(m, m.training) for m in model.modules()]
     model.train(train)
-    handle = heads.register_forward_pre_hook(hook)
     out = {}
     try:
         for task in run:
             captured.clear()
-            with use_task(model, task):
-                model(x)
+            # the hook sits on the task's own head, not on TaskHeads: architectures (mtnorm.arch)
+            # call the head modules of their TaskHeads directly
+            handle = heads.heads[task].register_forward_pre_hook(hook)
+            try:
+                with use_task(model, task):
+                    model(x)
+            finally:
+                handle.remove()
             if len(captured) != 1:
-                raise RuntimeError(f"TaskHeads ran {len(captured)} times in one pass of task {task!r}")
+                raise RuntimeError(f"the head of task {task!r} ran {len(captured)} times in one pass")
             z = captured[0]
             out[task] = z.detach().reshape(z.shape[0], -1)
     finally:
-        handle.remove()
         for m, flag in flags:
             m.training = flag
     return out
