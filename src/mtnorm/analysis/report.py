@@ -97,8 +97,9 @@ def analyze_run(
     if not any(isinstance(m, TaskNorm) for m in model.modules()):
         out["skipped"] = (
             f"method {out['method']!r} has no task-specific norm layers, so {', '.join(NEEDS_TASK_NORMS)} "
-            "are not defined (convert with norm='sigma' or 'bn'); gradient conflict still runs "
-            "(train with conflict_every > 0)"
+            "are not defined (convert with norm='sigma' or 'bn'; an architecture of mtnorm.arch takes "
+            "method_kwargs: {norm: sigma}); affinity, the embedding and gradient conflict "
+            "(train with conflict_every > 0) still run"
         )
         return out
     layers = {name: imp.double() for name, imp in importance(model).items()}
