@@ -7,7 +7,10 @@ synthetic training split (the benchmark data need not be installed) once per gra
 * ``flat`` (the default): one flat all-reduce of the step's gradients (gradient balancers: of the
   loss values, the per-task gradients G and the task-specific gradients, before combining);
 * ``hooks`` (``MTNORM_GRAD_SYNC=hooks``, the previous path): one all-reduce per parameter
-  gradient as autograd produces it, per task pass, plus one of the loss values.
+  gradient as autograd produces it, per task pass, plus one of the loss values;
+* ``ddp`` (``MTNORM_GRAD_SYNC=ddp``, equal weighting only): DistributedDataParallel's buckets
+  (25 MiB), reduced during backward, plus one all-reduce of the loss values. Its bucket
+  all-reduces are counted through DDP's default comm hook registered in Python.
 
 A step is what ``Trainer`` runs per batch: the stop-flag all-reduce, then ``train_step`` on a
 global batch of ``--batch`` x world. ``torch.distributed.all_reduce`` is wrapped to count calls
@@ -87,6 +90,8 @@ def _benchmark(model: str, n: int):
 
 
 def _origin(filename: str) -> str:
+    if "ddp_comm_hooks" in filename:  # DDP's bucket all-reduce, through the Python default hook
+        return "grad"
     if filename.endswith(os.path.join("train", "distributed.py")):
         return "grad"
     if filename.endswith(os.path.join("norm", "sync.py")):
@@ -121,7 +126,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             bench = _benchmark(model, n)
             trainer_module.get_benchmark = lambda cfg, bench=bench: bench
             for balancer in args.balancers:
-                for sync in SYNCS:
+                for sync in SYNCS + (("ddp",) if balancer == "ew" else ()):
                     os.environ["MTNORM_GRAD_SYNC"] = sync
                     cfg = config_from_dict({
                         "method": "tssbn", "balancer": balancer, "epochs": 1, "seed": 0,
@@ -130,6 +135,10 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
                         "optim": {"scheduler": "none"},
                     })
                     trainer = Trainer(cfg, log=None)
+                    if trainer._ddp_forward is not None:
+                        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+                        trainer._ddp_forward.register_comm_hook(None, allreduce_hook)
                     trainer.model.train()
                     times = []
                     marks = []

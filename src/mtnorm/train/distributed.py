@@ -16,7 +16,7 @@ buckets of at most :data:`BUCKET_BYTES`), not one collective per parameter:
 
 Plus one scalar per step, the stop flag (a signal to one rank stops all at the same step).
 
-DistributedDataParallel is not used: a step here is several forward passes (one per task,
+DistributedDataParallel is not the default: a step here is several forward passes (one per task,
 sequential, each with its own graph) and, with gradient balancers, per-task gradients taken by
 ``torch.autograd.grad``, which DDP's reducer (it hooks ``.backward()`` into ``.grad`` and expects
 one forward per backward) does not see. The flat reduce does the same arithmetic (a sum over
@@ -24,7 +24,9 @@ ranks of each gradient element, then a division) without overlap of communicatio
 
 The previous path, a hook on every parameter averaging each gradient as it is produced (one
 collective per parameter per task pass), stays available with ``MTNORM_GRAD_SYNC=hooks`` (for
-comparison in ``benchmarks/bench_distributed.py``).
+comparison in ``benchmarks/bench_distributed.py``). ``MTNORM_GRAD_SYNC=ddp`` runs equal weighting
+on DistributedDataParallel, whose buckets overlap with backward (:mod:`mtnorm.train.ddp_model`;
+other balancers then use the flat path).
 
 Norm statistics are synchronized with :func:`mtnorm.convert_sync` (task norms) or
 ``nn.SyncBatchNorm`` (shared norms).
@@ -80,7 +82,7 @@ def init_from_env(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
-GRAD_SYNCS = ("flat", "hooks")
+GRAD_SYNCS = ("flat", "hooks", "ddp")
 
 #: The largest all-reduce :func:`average_flat_` issues; longer buffers go in several (DDP's
 #: default bucket is 25 MiB, chosen for overlap with backward, which a post-backward reduce does not
@@ -89,7 +91,8 @@ BUCKET_BYTES = 256 * 2**20
 
 
 def grad_sync() -> str:
-    """How gradients are averaged: ``"flat"`` (default) or ``"hooks"`` (env ``MTNORM_GRAD_SYNC``)."""
+    """How gradients are averaged (env ``MTNORM_GRAD_SYNC``): ``"flat"`` (default), ``"hooks"`` or
+    ``"ddp"`` (equal weighting only, :mod:`mtnorm.train.ddp_model`; others use ``"flat"``)."""
     name = os.environ.get("MTNORM_GRAD_SYNC", "flat")
     if name not in GRAD_SYNCS:
         raise ValueError(f"MTNORM_GRAD_SYNC={name!r}; choose one of {list(GRAD_SYNCS)}")

@@ -211,6 +211,14 @@ class Trainer:
         # "flat": one all-reduce of every gradient (and, for gradient balancers, of the per-task
         # gradients before they are combined) per step; "hooks": one per parameter and task pass
         self.grad_sync = ddp.grad_sync() if self.world.distributed else None
+        self._ddp_forward: nn.Module | None = None
+        if self.grad_sync == "ddp" and self.balancer is not None:
+            self._log(f"MTNORM_GRAD_SYNC=ddp: equal weighting only; balancer {cfg.balancer!r} uses flat")
+            self.grad_sync = "flat"
+        if self.grad_sync == "ddp":
+            from mtnorm.train import ddp_model
+
+            self._ddp_forward = ddp_model.wrap(self.model, self.train_forward_mode, self.device)
         hook_reduce = ddp.average if self.grad_sync == "hooks" else None
         needs_hooks = self.loss_scale.enabled or hook_reduce is not None
         self.grad_transform = GradientTransform(self.model.parameters(), hook_reduce) if needs_hooks else None
@@ -386,10 +394,13 @@ class Trainer:
         x, y = take(self.train_split, index, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, cfg.precision):
-            out = forward_tasks(self.model, x, mode=self.train_forward_mode)
+            if self._ddp_forward is not None:  # every task pass in one DDP forward
+                out = self._ddp_forward(x)
+            else:
+                out = forward_tasks(self.model, x, mode=self.train_forward_mode)
         losses = task_losses(out, y, self.losses)
         flat = self.grad_sync == "flat"
-        if self.grad_sync == "hooks":
+        if self.grad_sync in ("hooks", "ddp"):
             losses = self._global_losses(losses)
         # under the flat sync these are this shard's losses until the step's one collective
         # averages them; the finiteness check waits for it, so every process raises or none
