@@ -266,3 +266,51 @@ def test_four_processes_match_one(tmp_path):
             assert torch.equal(ranks[0]["state"][name], r["state"][name]), name
         if value.is_floating_point():
             torch.testing.assert_close(ranks[0]["state"][name], value, atol=1e-5, rtol=1e-4)
+
+
+def _nan_worker(rank: int, world: int, port: int, out: str) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank), MTNORM_GRAD_SYNC="flat",
+    )
+    sys.path.insert(0, str(Path(__file__).parent))
+    import torch.distributed as dist
+
+    from mtnorm.train import Trainer, TrainingError
+
+    messages = {}
+    try:
+        for balancer in NAN_CASES:
+            trainer = Trainer(_config(Path(out) / balancer, "tssbn", balancer), log=None)
+            task = trainer.tasks[0]
+            loss = trainer.losses[task]
+
+            def poisoned(*args, loss=loss, trainer=trainer):  # noqa: ANN002
+                value = loss(*args)
+                return value * float("nan") if rank == 1 and trainer.global_step == 2 else value
+
+            trainer.losses[task] = poisoned
+            try:
+                trainer.fit()
+                messages[balancer] = None
+            except TrainingError as e:
+                messages[balancer] = (trainer.global_step, str(e))
+        torch.save(messages, Path(out) / f"nan-rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+NAN_CASES = ["ew", "uw", "pcgrad"]
+
+
+@pytest.mark.distributed
+def test_a_nan_loss_on_one_rank_stops_every_rank(tmp_path):
+    """Rank 1 alone gets a NaN loss at step 2: the finiteness check runs on the averaged losses, so
+    both ranks raise TrainingError at the same step (none is left waiting in a collective)."""
+    mp.spawn(_nan_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"nan-rank{r}.pt") for r in range(2)]
+    for balancer in NAN_CASES:
+        for messages in ranks:
+            step, message = messages[balancer]
+            assert step == 2, (balancer, message)
+            assert "non-finite loss for task" in message, (balancer, message)
