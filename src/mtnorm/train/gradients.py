@@ -8,8 +8,12 @@ after backward. They run as parameter hooks instead, which PyTorch calls for ``.
 * fp16 loss scaling: losses pass through :func:`scale_grad` (identity forward, gradient times S
   backward) so the half-precision backward does not underflow, and the hook divides by S, so the
   balancer sees unscaled per-task gradients and the true loss values;
-* data parallelism: the hook all-reduces (averages) the gradient over processes, so every process
-  hands the balancer the per-task gradients of the global batch.
+* data parallelism, only with ``MTNORM_GRAD_SYNC=hooks`` (the previous path, kept for comparison):
+  the hook all-reduces (averages) the gradient over processes, so every process hands the
+  balancer the per-task gradients of the global batch, at one collective per parameter and task
+  pass. The default averages in one flat collective per step instead
+  (:mod:`mtnorm.train.distributed`; ``Balancer.backward(reduce=...)``), and the hooks then only
+  unscale.
 """
 
 from __future__ import annotations
