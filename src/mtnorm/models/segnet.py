@@ -22,6 +22,32 @@ def _conv(cin: int, cout: int, norm: str) -> nn.Sequential:
     )
 
 
+def pool_stage(block: nn.Module, start: bool = False):
+    """A SegNet encoder stage: ``block``, then 2x2 max-pooling whose indices and input size are
+    pushed onto the carry (``start``: the first stage, which opens the carry's stacks)."""
+
+    def stage(x: torch.Tensor, carry: dict) -> torch.Tensor:
+        if start:
+            carry["indices"], carry["sizes"] = [], []
+        x = block(x)
+        carry["sizes"].append(x.shape[-2:])
+        x, idx = F.max_pool2d(x, 2, return_indices=True)
+        carry["indices"].append(idx)
+        return x
+
+    return stage
+
+
+def unpool_stage(block: nn.Module):
+    """A SegNet decoder stage: max-unpooling with the indices popped from the carry, then ``block``."""
+
+    def stage(x: torch.Tensor, carry: dict) -> torch.Tensor:
+        x = F.max_unpool2d(x, carry["indices"].pop(), 2, output_size=carry["sizes"].pop())
+        return block(x)
+
+    return stage
+
+
 class SegNet(nn.Module):
     """Encoder-decoder with a norm after every convolution.
 
@@ -65,24 +91,7 @@ class SegNet(nn.Module):
             carry["indices"], carry["sizes"] = [], []
             return self.stem(x)
 
-        def down(block: nn.Module):
-            def stage(x: torch.Tensor, carry: dict) -> torch.Tensor:
-                x = block(x)
-                carry["sizes"].append(x.shape[-2:])
-                x, idx = F.max_pool2d(x, 2, return_indices=True)
-                carry["indices"].append(idx)
-                return x
-
-            return stage
-
-        def up(block: nn.Module):
-            def stage(x: torch.Tensor, carry: dict) -> torch.Tensor:
-                x = F.max_unpool2d(x, carry["indices"].pop(), 2, output_size=carry["sizes"].pop())
-                return block(x)
-
-            return stage
-
-        return [stem, *(down(b) for b in self.down), *(up(b) for b in self.up)]
+        return [stem, *(pool_stage(b) for b in self.down), *(unpool_stage(b) for b in self.up)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from mtnorm.arch.stages import run_stages

@@ -23,10 +23,10 @@ what the FashionScenes benchmark uses.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mtnorm.models.factory import norm_layer
+from mtnorm.models.segnet import pool_stage, unpool_stage
 
 MTAN_FILTERS = (64, 128, 256, 512, 512)
 """Channels of the five levels of MTAN's SegNet."""
@@ -96,28 +96,9 @@ class MTANSegNet(nn.Module):
         ten stages for :mod:`mtnorm.arch`. The pooling indices and sizes travel in the carry, last in
         first out, as in :meth:`SegNet.stages() <mtnorm.models.segnet.SegNet.stages>`."""
 
-        def down(block: nn.Module, first: bool):
-            def stage(x: torch.Tensor, carry: dict) -> torch.Tensor:
-                if first:
-                    carry["indices"], carry["sizes"] = [], []
-                x = block(x)
-                carry["sizes"].append(x.shape[-2:])
-                x, idx = F.max_pool2d(x, 2, return_indices=True)
-                carry["indices"].append(idx)
-                return x
-
-            return stage
-
-        def up(block: nn.Module):
-            def stage(x: torch.Tensor, carry: dict) -> torch.Tensor:
-                x = F.max_unpool2d(x, carry["indices"].pop(), 2, output_size=carry["sizes"].pop())
-                return block(x)
-
-            return stage
-
         return [
-            *(down(b, i == 0) for i, b in enumerate(self.encoder)),
-            *(up(b) for b in self.decoder),
+            *(pool_stage(b, start=i == 0) for i, b in enumerate(self.encoder)),
+            *(unpool_stage(b) for b in self.decoder),
         ]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
