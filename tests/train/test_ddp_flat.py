@@ -66,24 +66,41 @@ def _origin(filename: str) -> str:
     return "other"
 
 
-def _worker(rank: int, world: int, port: int, out: str) -> None:
+def _join(rank: int, world: int, port: int, **env: str) -> None:
+    """The environment torchrun gives a worker (plus ``env``), and this folder on its path."""
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
+        LOCAL_RANK=str(rank), **env,
     )
     sys.path.insert(0, str(Path(__file__).parent))
-    import torch.distributed as dist
 
-    from mtnorm.train import Trainer
+
+def _count_all_reduce(origin):  # noqa: ANN001, ANN202
+    """Wrap ``torch.distributed.all_reduce`` so that every call appends ``origin(caller's file)``
+    to the returned list; returns ``(calls, restore)``."""
+    import torch.distributed as dist
 
     calls: list[str] = []
     original = dist.all_reduce
 
     def counting(tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        calls.append(_origin(sys._getframe(1).f_code.co_filename))
+        calls.append(origin(sys._getframe(1).f_code.co_filename))
         return original(tensor, *args, **kwargs)
 
+    def restore() -> None:
+        dist.all_reduce = original
+
     dist.all_reduce = counting
+    return calls, restore
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    _join(rank, world, port)
+    import torch.distributed as dist
+
+    from mtnorm.train import Trainer
+
+    calls, restore = _count_all_reduce(_origin)
     try:
         runs = [("flat", c) for c in CASES] + [("hooks", HOOK_CASE)]
         runs += [(sync, c) for c in FP16_CASES for sync in ("fp16", "fp16-hooks")]
@@ -108,7 +125,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 Path(out) / f"{sync}-{method}-{balancer}-rank{rank}.pt",
             )
     finally:
-        dist.all_reduce = original
+        restore()
         dist.destroy_process_group()
 
 

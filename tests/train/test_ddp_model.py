@@ -6,7 +6,6 @@ to the flat path."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_ddp_flat import _config, _free_port  # noqa: E402
+from test_ddp_flat import _config, _count_all_reduce, _free_port, _join  # noqa: E402
 from test_ddp_flat import _origin as _flat_origin  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -31,24 +30,13 @@ def _origin(filename: str) -> str:
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), MTNORM_GRAD_SYNC="ddp",
-    )
-    sys.path.insert(0, str(Path(__file__).parent))
+    _join(rank, world, port, MTNORM_GRAD_SYNC="ddp")
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     from mtnorm.train import Trainer
 
-    calls: list[str] = []
-    original = dist.all_reduce
-
-    def counting(tensor, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003
-        calls.append(_origin(sys._getframe(1).f_code.co_filename))
-        return original(tensor, *args, **kwargs)
-
-    dist.all_reduce = counting
+    calls, restore = _count_all_reduce(_origin)
     try:
         for method, balancer in CASES:
             marks: list[int] = []
@@ -66,7 +54,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             torch.save({"state": state, "steps": steps, "sync": trainer.grad_sync},
                        Path(out) / f"{method}-{balancer}-rank{rank}.pt")
     finally:
-        dist.all_reduce = original
+        restore()
         dist.destroy_process_group()
 
 
