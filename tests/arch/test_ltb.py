@@ -126,9 +126,9 @@ def test_a_low_temperature_approaches_the_hard_tree():
     weights, choice = model._weights()
     for w, rows in zip(weights, choice):
         assert torch.allclose(w, nn.functional.one_hot(torch.tensor(rows), 2).to(w.dtype), atol=1e-6)
-    model.tau = 2.0  # annealing: set between epochs
+    model.tau = 2.0  # the schedule sets it between epochs
     assert "tau=2.0" in repr(model)
-    with pytest.raises(ValueError, match="tau must be positive"):
+    with pytest.raises(ValueError, match="tau and tau_final must be positive"):
         build("ltb", "toy", tau=0.0)
 
 
@@ -145,3 +145,99 @@ def test_columns_must_match_the_tasks():
     heads = {t: nn.Linear(8, 3) for t in TASKS}
     with pytest.raises(ValueError, match="T node copies per stage"):
         LearningToBranch([BACKBONES["toy"][0]("bn")], heads)
+
+
+# ---------------------------------------------------------------- search, then the fixed tree
+def test_the_schedule_anneals_tau_over_the_search_then_freezes_the_argmax_tree():
+    model = build("ltb", "toy", tau=2.0, tau_final=0.5, search=0.6)
+    assert model.search_epochs(5) == 3 and not model.frozen
+    taus = []
+    for epoch in range(3):
+        model.on_epoch_start(epoch, 5)
+        taus.append(model.tau)
+    assert taus == pytest.approx([2.0, 1.0, 0.5])  # geometric from tau to tau_final
+    set_tree(model, [[1, 0]], [1, 1])
+    model.on_epoch_start(3, 5)
+    assert model.frozen and model.branching().heads == {"a": 1, "b": 1}
+    set_tree(model, [[0, 0]], [0, 0])  # the logits no longer decide
+    model.on_epoch_start(4, 5)
+    assert model.branching().parents[1] == (1, 0) and model.branching().heads == {"a": 1, "b": 1}
+    assert "frozen=True" in repr(model)
+
+
+def test_search_one_never_freezes_and_a_bad_fraction_is_refused():
+    model = build("ltb", "toy", search=1.0)
+    for epoch in range(4):
+        model.on_epoch_start(epoch, 4)
+    assert not model.frozen and model.search_epochs(4) == 4
+    assert build("ltb", "toy", search=0.1).search_epochs(4) == 1  # at least one search epoch
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="fraction of the epochs spent searching"):
+            build("ltb", "toy", search=bad)
+    with pytest.raises(ValueError, match="tau_final must be positive"):
+        build("ltb", "toy", tau_final=0.0)
+
+
+def test_a_frozen_tree_trains_like_eval_with_no_gradient_off_its_paths():
+    """Fine-tuning: no sampling (two forwards agree), the output is the tree's own path, and the
+    logits and the unused nodes get no gradient."""
+    model = build("ltb", "lenet")
+    set_tree(model, [[0, 0], [1, 1], [0, 0]], heads=[0, 1])
+    model.freeze()
+    model.train()
+    x = inputs("lenet")
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    b = model(x)
+    paths = model.branching().paths
+    for t in TASKS:
+        assert torch.equal(a[t], b[t])
+        torch.testing.assert_close(a[t], along(model, x, t, paths[t]), rtol=1e-12, atol=1e-12)
+    sum(o.sum() for o in a.values()).backward()
+    assert all(theta.grad is None for theta in model.logits)
+    on_path = {(0, 0), (1, 1), (2, 0), (3, 0), (3, 1)}
+    for j, column in enumerate(model.columns):
+        for k, group in enumerate(sequential_groups(column)):
+            grads = [p.grad for m in group for p in m.parameters()]
+            assert grads and all((g is not None) == ((k, j) in on_path) for g in grads), (k, j)
+
+
+def test_the_frozen_tree_is_in_the_state_dict():
+    model = build("ltb", "toy")
+    set_tree(model, [[1, 0]], [0, 1])
+    model.freeze()
+    fresh = build("ltb", "toy", seed=1)
+    assert not fresh.frozen
+    fresh.load_state_dict(model.state_dict())
+    assert fresh.frozen and fresh.branching() == model.branching()
+
+
+def test_the_trainer_searches_then_fine_tunes_and_resumes_after_the_freeze(tmp_path):
+    """2 epochs of 4 steps, search 0.5: epoch 0 searches, epoch 1 trains the frozen tree (its
+    logits stay as the search left them); a run cut in epoch 1 resumes to the same parameters."""
+    from test_cross_stitch import _toy_config
+
+    from mtnorm.train import Trainer
+
+    logits_after_search = []
+
+    def record(trainer):
+        if trainer.global_step == 4:
+            logits_after_search.extend(t.detach().clone() for t in trainer.model.logits)
+
+    full = Trainer(_toy_config(tmp_path / "full", "ltb"), callbacks=[record], log=None)
+    assert full.fit().status == "finished"
+    assert full.model.frozen
+    assert all(torch.equal(a, b) for a, b in zip(logits_after_search, full.model.logits))
+
+    def stop_at_step_6(trainer):
+        if trainer.global_step == 6:
+            raise KeyboardInterrupt
+
+    cut = Trainer(_toy_config(tmp_path / "cut", "ltb"), callbacks=[stop_at_step_6], log=None)
+    assert cut.fit().status == "interrupted"
+    resumed = Trainer(_toy_config(tmp_path / "cut", "ltb"), log=None)
+    assert resumed.fit(resume=True).status == "finished"
+    a, b = full.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -65,24 +65,35 @@ class LearningToBranch(Architecture):
 
         y_j^0 = f_j^0(x),    y_j^k = f_j^k(Σ_i w_k[j, i] y_i^{k-1}),    z_t = Σ_i w_K[t, i] y_i^{K-1},
 
-    * training: ``w_k = gumbel_softmax(θ_k, tau)`` per row, a fresh sample every forward (soft
-      weights; ``hard=True`` gives straight-through one-hot samples). The temperature is fixed
-      (``tau``, default 1); anneal it by setting ``model.tau`` between epochs;
+    * search (training, the first ``search`` fraction of the epochs): ``w_k = gumbel_softmax(θ_k,
+      τ)`` per row, a fresh sample every forward (soft weights; ``hard=True`` gives straight-through
+      one-hot samples). τ goes geometrically from ``tau`` at the first epoch to ``tau_final`` at the
+      last search epoch, ``τ_e = tau · (tau_final / tau)^(e / (S - 1))``;
+    * fine-tuning (the remaining epochs): the tree is frozen at the argmax of ``θ_k``
+      (:meth:`freeze`) and trained as a plain branched network. Guo et al. retrain the found tree
+      from scratch; mtnorm keeps the searched weights and continues, so one run of the trainer
+      gives the final model. ``search=1.0`` searches for the whole run (no fine-tuning);
     * eval: ``w_k`` is the one-hot argmax of ``θ_k`` (the tree of :meth:`branching`), and only the
       nodes on the paths of the active tasks run.
+
+    The trainer calls :meth:`on_epoch_start` before every epoch (also when a run resumes), which
+    sets τ and freezes the tree; the frozen tree is a buffer, so checkpoints keep it.
 
     The stage carry (SegNet's pooling indices) follows one path: node j forks the carry of its most
     likely parent, the argmax of its row of ``w_k`` (the sampled one in training), so the indices a
     decoder node unpools with come from the encoder nodes its input mostly came from.
 
     Nodes are shared parameters (several tasks may reach a node), and so are the logits; heads are
-    per task. In eval, nodes off every path (and the logits) get no gradient; in training all do.
+    per task. In eval and fine-tuning, nodes off every path (and the logits) get no gradient; in
+    the search all do.
 
     Args:
         columns: T alike backbones; node ``(k, j)`` is stage k of ``columns[j]``.
         heads: ``{task: head}``.
-        tau: the Gumbel-softmax temperature.
-        hard: straight-through one-hot samples in training.
+        tau: the Gumbel-softmax temperature at the first search epoch.
+        hard: straight-through one-hot samples in the search.
+        search: the fraction of the epochs spent searching, in (0, 1].
+        tau_final: the temperature at the last search epoch (default: ``tau``, no annealing).
     """
 
     def __init__(
@@ -91,6 +102,8 @@ class LearningToBranch(Architecture):
         heads: Mapping[str, nn.Module],
         tau: float = 1.0,
         hard: bool = False,
+        search: float = 0.5,
+        tau_final: float | None = None,
     ) -> None:
         super().__init__()
         tasks = validate_tasks(list(heads))
@@ -99,8 +112,11 @@ class LearningToBranch(Architecture):
         counts = {len(stages_of(c)) for c in columns}
         if len(counts) != 1:
             raise ValueError(f"the backbones have different numbers of stages: {sorted(counts)}")
-        if tau <= 0:
-            raise ValueError(f"tau must be positive, got {tau}")
+        tau_final = tau if tau_final is None else tau_final
+        if tau <= 0 or tau_final <= 0:
+            raise ValueError(f"tau and tau_final must be positive, got {tau} and {tau_final}")
+        if not 0 < search <= 1:
+            raise ValueError(f"search is the fraction of the epochs spent searching, in (0, 1]; got {search}")
         self.columns = nn.ModuleList(columns)
         self.heads = TaskHeads(dict(heads))
         t = len(tasks)
@@ -108,21 +124,54 @@ class LearningToBranch(Architecture):
         # node i of stage k
         self.logits = nn.ParameterList(nn.Parameter(torch.zeros(t, t)) for _ in range(counts.pop()))
         self.tau = float(tau)
+        self.tau_initial, self.tau_final = float(tau), float(tau_final)
         self.hard = bool(hard)
+        self.search = float(search)
+        # the frozen tree, row k = the parents chosen at level k; -1 while searching
+        self.register_buffer("tree", torch.full((len(self.logits), t), -1, dtype=torch.long))
+
+    @property
+    def frozen(self) -> bool:
+        """Whether the search is over and training runs the fixed tree."""
+        return bool((self.tree >= 0).all())
+
+    def freeze(self) -> Branching:
+        """End the search: from now on training runs the argmax tree, like eval."""
+        with torch.no_grad():
+            self.tree.copy_(torch.stack([theta.argmax(-1) for theta in self.logits]))
+        return self.branching()
+
+    def search_epochs(self, epochs: int) -> int:
+        """``S``: how many of ``epochs`` the search takes (at least one)."""
+        return epochs if self.search >= 1 else min(epochs, max(1, round(self.search * epochs)))
+
+    def on_epoch_start(self, epoch: int, epochs: int) -> None:
+        """The schedule: τ for a search epoch, or the frozen tree once ``epoch >= S``."""
+        s = self.search_epochs(epochs)
+        if epoch >= s:
+            if not self.frozen:
+                self.freeze()
+            return
+        self.tau = self.tau_initial * (self.tau_final / self.tau_initial) ** (epoch / max(s - 1, 1))
+
+    def _choice(self) -> list[list[int]]:
+        if self.frozen:
+            return self.tree.tolist()
+        return [theta.detach().argmax(-1).tolist() for theta in self.logits]
 
     def _weights(self) -> tuple[list[torch.Tensor] | None, list[list[int]]]:
-        if self.training:
+        if self.training and not self.frozen:
             weights = [F.gumbel_softmax(theta, tau=self.tau, hard=self.hard, dim=-1) for theta in self.logits]
             return weights, [w.detach().argmax(-1).tolist() for w in weights]
-        return None, [theta.detach().argmax(-1).tolist() for theta in self.logits]
+        return None, self._choice()
 
     def forward(self, x: torch.Tensor) -> PerTask:
         tasks = active_tasks(self.heads)
         rows = [self.heads.tasks.index(t) for t in tasks]
         weights, choice = self._weights()
         n, depth = len(self.columns), len(self.logits)
-        # nodes to compute per stage: all in training (every parent enters the soft mix), the
-        # paths of the active tasks in eval
+        # nodes to compute per stage: all in the search (every parent enters the soft mix), the
+        # paths of the active tasks in eval and fine-tuning
         needed: list[list[int]] = [list(range(n))] * depth
         if weights is None:
             needed = [[] for _ in range(depth)]
@@ -156,14 +205,14 @@ class LearningToBranch(Architecture):
         return [theta.detach().softmax(-1) for theta in self.logits]
 
     def branching(self) -> Branching:
-        """The tree the logits choose (argmax), as used in eval."""
-        choice = [theta.detach().argmax(-1).tolist() for theta in self.logits]
+        """The tree the logits choose (argmax), as used in eval; the frozen one after :meth:`freeze`."""
+        choice = self._choice()
         parents = ((-1,) * len(self.columns), *(tuple(c) for c in choice[:-1]))
         heads = {t: choice[-1][i] for i, t in enumerate(self.heads.tasks)}
         return Branching(self.heads.tasks, parents, heads)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, hard={self.hard}"
+        return f"tau={self.tau}, hard={self.hard}, search={self.search}, frozen={self.frozen}"
 
 
 @register_method(
@@ -179,13 +228,19 @@ def build_ltb(
     example_input: torch.Tensor,
     **options: Any,
 ) -> LearningToBranch:
-    """Options: ``tau`` (1.0, fixed), ``hard`` (False), ``norm`` (None: plain BatchNorm; ``"bn"`` /
+    """Options: ``tau`` (1.0), ``tau_final`` (None: ``tau``, no annealing), ``search`` (0.5: half
+    the epochs search, the rest fine-tune the argmax tree; 1.0: no fine-tuning), ``hard`` (False),
+    ``norm`` (None: plain BatchNorm; ``"bn"`` /
     ``"sigma"`` / ...: every node's norms converted by :func:`mtnorm.convert`; nodes are shared, so
     task t's pass normalizes every node on its path with task t's norm parameters)."""
-    o = check_options("ltb", options, {"tau": 1.0, "hard": False, "norm": None})
+    o = check_options(
+        "ltb", options, {"tau": 1.0, "tau_final": None, "search": 0.5, "hard": False, "norm": None}
+    )
     heads = check_heads(tasks, heads)
     tasks = tuple(heads)
     columns = [backbone_factory("bn") for _ in tasks]
     stage_shapes(columns[0], example_input)  # a backbone whose stages do not compose fails here
     columns = [convert_shared(c, tasks, o["norm"]) for c in columns]
-    return LearningToBranch(columns, heads, tau=o["tau"], hard=o["hard"])
+    return LearningToBranch(
+        columns, heads, tau=o["tau"], hard=o["hard"], search=o["search"], tau_final=o["tau_final"]
+    )

@@ -612,6 +612,11 @@ class Trainer:
 
     def _run_epoch(self, batches: int) -> None:
         cfg = self.cfg
+        # modules with a schedule over epochs (LTB's temperature and tree freezing); called again
+        # on resume, so a resumed epoch runs under the same schedule
+        for module in self.model.modules():
+            if callable(getattr(module, "on_epoch_start", None)):
+                module.on_epoch_start(self.epoch, cfg.epochs)
         self.model.train()
         with self._progress(batches, self.step_in_epoch) as bar:
             for b, index in train_batches(
