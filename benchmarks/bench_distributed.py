@@ -13,12 +13,13 @@ synthetic training split (the benchmark data need not be installed) once per gra
   all-reduces are counted through DDP's default comm hook registered in Python.
 
 A step is what ``Trainer`` runs per batch: the stop-flag all-reduce, then ``train_step`` on a
-global batch of ``--batch`` x world. ``torch.distributed.all_reduce`` is wrapped to count calls
-and payload bytes, attributed to who issued them: gradients (``train/distributed.py``), the
-trainer (stop flag, loss values) and the task-norm statistics (``norm/sync.py``, forward and
-backward of every task-specific norm layer; the same on both paths). Step time: median wall time
-per step on rank 0 over ``--steps`` steps after ``--warmup``; on a shared machine it is only
-indicative.
+global batch of ``--batch`` x world. ``torch.distributed.all_reduce`` and ``all_gather`` are
+wrapped to count calls and payload bytes (for an all-gather: this process's contribution),
+attributed to who issued them: gradients (``train/distributed.py``), the trainer (stop flag, loss
+values) and the task-norm statistics (``norm/sync.py``: one all-gather in forward and one
+all-reduce in backward per task-specific norm layer and pass; the same on every path). Step
+time: median wall time per step on rank 0 over ``--steps`` steps after ``--warmup``; on a shared
+machine it is only indicative.
 
 Models: ``lenet`` (the MultiFashion LeNet: width 16, hidden 128, 36x36 inputs, 2 tasks) and
 ``resnet18`` (``mtnorm.models.ResNet18``, classification trunk, 32x32 RGB inputs, 3 ten-class
@@ -101,7 +102,10 @@ def _origin(filename: str) -> str:
 
 def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
     torch.set_num_threads(1)
@@ -112,12 +116,22 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
 
     calls: list[tuple[str, int]] = []
     original = dist.all_reduce
+    original_gather = dist.all_gather
+
+    def record(tensor) -> None:  # noqa: ANN001
+        # the caller of the collective is two frames up: record <- counting <- caller
+        calls.append((_origin(sys._getframe(2).f_code.co_filename), tensor.numel() * tensor.element_size()))
 
     def counting(tensor, *a, **k):  # noqa: ANN001, ANN002, ANN003
-        calls.append((_origin(sys._getframe(1).f_code.co_filename), tensor.numel() * tensor.element_size()))
+        record(tensor)
         return original(tensor, *a, **k)
 
+    def counting_gather(tensor_list, tensor, *a, **k):  # noqa: ANN001, ANN002, ANN003
+        record(tensor)  # the task-norm statistics: one all-gather per layer and forward pass
+        return original_gather(tensor_list, tensor, *a, **k)
+
     dist.all_reduce = counting
+    dist.all_gather = counting_gather
     rows = []
     try:
         for model in args.models:
@@ -128,12 +142,17 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             for balancer in args.balancers:
                 for sync in SYNCS + (("ddp",) if balancer == "ew" else ()):
                     os.environ["MTNORM_GRAD_SYNC"] = sync
-                    cfg = config_from_dict({
-                        "method": "tssbn", "balancer": balancer, "epochs": 1, "seed": 0,
-                        "out": str(Path(out) / f"{model}-{balancer}-{sync}"),
-                        "data": {"name": "multifashion", "batch_size": batch},
-                        "optim": {"scheduler": "none"},
-                    })
+                    cfg = config_from_dict(
+                        {
+                            "method": "tssbn",
+                            "balancer": balancer,
+                            "epochs": 1,
+                            "seed": 0,
+                            "out": str(Path(out) / f"{model}-{balancer}-{sync}"),
+                            "data": {"name": "multifashion", "batch_size": batch},
+                            "optim": {"scheduler": "none"},
+                        }
+                    )
                     trainer = Trainer(cfg, log=None)
                     if trainer._ddp_forward is not None:
                         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -152,10 +171,14 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
                         times.append(time.perf_counter() - start)
                     marks.append(len(calls))
                     step = calls[marks[-2] : marks[-1]]  # the last step (all steps are alike)
-                    row = {"model": model, "balancer": balancer, "sync": sync,
-                           "params": sum(1 for p in trainer.model.parameters() if p.requires_grad),
-                           "numel": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
-                           "ms": 1000 * statistics.median(times[args.warmup :])}
+                    row = {
+                        "model": model,
+                        "balancer": balancer,
+                        "sync": sync,
+                        "params": sum(1 for p in trainer.model.parameters() if p.requires_grad),
+                        "numel": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+                        "ms": 1000 * statistics.median(times[args.warmup :]),
+                    }
                     for kind in ("grad", "trainer", "norm"):
                         row[f"{kind}_calls"] = sum(1 for k, _ in step if k == kind)
                         row[f"{kind}_bytes"] = sum(b for k, b in step if k == kind)
@@ -166,6 +189,7 @@ def _worker(rank: int, world: int, port: int, args: argparse.Namespace, out: str
             Path(out, "rows.json").write_text(json.dumps(rows))
     finally:
         dist.all_reduce = original
+        dist.all_gather = original_gather
         dist.destroy_process_group()
 
 
@@ -187,18 +211,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_worker, args=(args.world, _free_port(), args, out), nprocs=args.world, join=True)
         rows = json.loads(Path(out, "rows.json").read_text())
-    print(f"# {datetime.date.today()}, {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-          f"gloo, world {args.world}, batch {args.batch}/process, {args.steps} steps after {args.warmup}")
+    print(
+        f"# {datetime.date.today()}, {platform.node()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+        f"gloo, world {args.world}, batch {args.batch}/process, {args.steps} steps after {args.warmup}"
+    )
     print(f"# {' '.join(sys.argv)}")
-    print("| model | #tensors | balancer | sync | grad collectives/step | grad bytes/step | trainer "
-          "collectives/step | norm-stat collectives/step | step ms | vs hooks |")
+    print(
+        "| model | #tensors | balancer | sync | grad collectives/step | grad bytes/step | trainer "
+        "collectives/step | norm-stat collectives/step | step ms | vs hooks |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     base = {(r["model"], r["balancer"]): r["ms"] for r in rows if r["sync"] == "hooks"}
     for r in rows:
         ratio = r["ms"] / base[(r["model"], r["balancer"])]
-        print(f"| {r['model']} | {r['params']} | {r['balancer']} | {r['sync']} | {r['grad_calls']} | "
-              f"{_mb(r['grad_bytes'])} | {r['trainer_calls']} | {r['norm_calls']} | {r['ms']:.1f} | "
-              f"{ratio:.2f} |")
+        print(
+            f"| {r['model']} | {r['params']} | {r['balancer']} | {r['sync']} | {r['grad_calls']} | "
+            f"{_mb(r['grad_bytes'])} | {r['trainer_calls']} | {r['norm_calls']} | {r['ms']:.1f} | "
+            f"{ratio:.2f} |"
+        )
 
 
 if __name__ == "__main__":

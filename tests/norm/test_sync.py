@@ -6,7 +6,12 @@ concatenated batch of both processes. In float64, outputs, input gradients, para
 step must agree to ``rtol=1e-9, atol=1e-10`` (they differ only by the order of floating-point
 sums), in sequential (``use_task``) and batched passes, for TSBN, TSσBN, DW-BN and AdaIN-BN.
 The two processes hold batches of different sizes (3 and 5), which checks that statistics are
-weighted by count.
+weighted by count. A double backward (the gradient of a gradient penalty) agrees too. In the same passes,
+``torch.distributed``'s collectives are wrapped and counted: each layer issues exactly one in
+forward (an all-gather) and one in backward (an all-reduce) per pass.
+
+Also on 2 processes: float32 data with a large common offset (1e4 + noise), where the naive
+``E[x^2] - mean^2`` loses every digit, still give the one-process variance.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import copy
 import datetime
 import socket
 import warnings
+from collections import Counter
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -23,6 +30,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import mtnorm
+from mtnorm.norm import _stats
 from mtnorm.norm.sync import _SyncStats
 
 pytestmark = pytest.mark.distributed
@@ -88,8 +96,9 @@ def _data() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     return x, w
 
 
-def _run(model: nn.Module, x: torch.Tensor, w: dict[str, torch.Tensor], mode: str):
-    """Outputs per task and the gradient of ``sum_t <out_t, w_t>`` w.r.t. x and the parameters."""
+def _run(model: nn.Module, x: torch.Tensor, w: dict[str, torch.Tensor], mode: str, between=lambda: None):
+    """Outputs per task and the gradient of ``sum_t <out_t, w_t>`` w.r.t. x and the parameters;
+    ``between()`` is called after the forward passes, before the backward."""
     x = x.detach().clone().requires_grad_(True)
     if mode == "sequential":
         out = {}
@@ -98,6 +107,7 @@ def _run(model: nn.Module, x: torch.Tensor, w: dict[str, torch.Tensor], mode: st
                 out[task] = model(x)
     else:
         out = mtnorm.forward_tasks(model, x, mode="batched")
+    between()
     loss = sum((out[t] * w[t]).sum() for t in TASKS)
     model.zero_grad(set_to_none=True)
     loss.backward()
@@ -105,11 +115,65 @@ def _run(model: nn.Module, x: torch.Tensor, w: dict[str, torch.Tensor], mode: st
     return {t: o.detach() for t, o in out.items()}, x.grad.detach(), grads
 
 
+def _penalty_grads(model: nn.Module, x: torch.Tensor, w: dict[str, torch.Tensor]):
+    """Gradient w.r.t. the parameters of ``|d loss / dx|^2`` (sequential passes): a double backward."""
+    x = x.detach().clone().requires_grad_(True)
+    out = {}
+    for task in TASKS:
+        with mtnorm.use_task(model, task):
+            out[task] = model(x)
+    loss = sum((out[t] * w[t]).sum() for t in TASKS)
+    (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+    params = dict(model.named_parameters())
+    grads = torch.autograd.grad(gx.square().sum(), list(params.values()), allow_unused=True)
+    return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}
+
+
 def _check(what: str, actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, **TOL, msg=lambda m: f"{what}: {m}")
 
 
-def _worker(rank: int, port: int) -> None:
+# every collective a layer could issue; all are counted, so a stray one fails the count check
+COLLECTIVES = (
+    "all_reduce",
+    "all_gather",
+    "all_gather_into_tensor",
+    "all_gather_single",
+    "all_gather_object",
+    "broadcast",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+    "all_to_all",
+    "gather",
+    "scatter",
+)
+
+
+def _count_collectives() -> tuple[list[str], Callable[[], None]]:
+    """Wrap the ``torch.distributed`` collectives so that each call appends its name to the returned
+    list; returns ``(calls, restore)``."""
+    calls: list[str] = []
+    originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
+
+    def counting(name, original):  # noqa: ANN001, ANN202
+        def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            calls.append(name)
+            return original(*args, **kwargs)
+
+        return wrapped
+
+    for name, original in originals.items():
+        setattr(dist, name, counting(name, original))
+
+    def restore() -> None:
+        for name, original in originals.items():
+            setattr(dist, name, original)
+
+    return calls, restore
+
+
+def _init(rank: int, port: int) -> None:
     torch.set_num_threads(1)
     dist.init_process_group(
         "gloo",
@@ -118,6 +182,11 @@ def _worker(rank: int, port: int) -> None:
         world_size=WORLD,
         timeout=datetime.timedelta(seconds=60),
     )
+
+
+def _worker(rank: int, port: int) -> None:
+    _init(rank, port)
+    calls, restore = _count_collectives()
     try:
         x, w = _data()
         lo, hi = sum(SHARDS[:rank]), sum(SHARDS[: rank + 1])
@@ -126,10 +195,20 @@ def _worker(rank: int, port: int) -> None:
                 tag = f"rank {rank}, norm={norm} {kwargs}, mode={mode}"
                 ref = _model(norm, kwargs)  # one process, concatenated batch, no sync
                 sync = mtnorm.convert_sync(copy.deepcopy(ref))
-                assert any(isinstance(m, _SyncStats) for m in sync.modules())
+                layers = sum(isinstance(m, _SyncStats) for m in sync.modules())
+                assert layers == 3
+                marks = [len(calls)]
                 with warnings.catch_warnings():
                     warnings.simplefilter("error", FutureWarning)  # no deprecated collectives
-                    out, gx, grads = _run(sync, x[lo:hi], {t: v[lo:hi] for t, v in w.items()}, mode)
+                    shard = {t: v[lo:hi] for t, v in w.items()}
+                    between = lambda marks=marks: marks.append(len(calls))  # noqa: E731
+                    out, gx, grads = _run(sync, x[lo:hi], shard, mode, between)
+                marks.append(len(calls))
+                # one collective per layer and pass each way; a batched pass covers every task
+                passes = len(TASKS) if mode == "sequential" else 1
+                forward, backward = (Counter(calls[a:b]) for a, b in zip(marks, marks[1:]))
+                assert forward == {"all_gather": layers * passes}, f"{tag}: forward {forward}"
+                assert backward == {"all_reduce": layers * passes}, f"{tag}: backward {backward}"
                 ref_out, ref_gx, ref_grads = _run(ref, x, w, mode)
                 for t in TASKS:
                     _check(f"{tag}: output of {t}", out[t], ref_out[t][lo:hi])
@@ -145,6 +224,14 @@ def _worker(rank: int, port: int) -> None:
                 ref.eval()
                 with torch.no_grad(), mtnorm.use_task(sync, TASKS[1]), mtnorm.use_task(ref, TASKS[1]):
                     _check(f"{tag}: eval output", sync(x[lo:hi]), ref(x)[lo:hi])
+            # double backward, sequential only: the reference's batched kernels are once differentiable
+            ref = _model(norm, kwargs)
+            sync = mtnorm.convert_sync(copy.deepcopy(ref))
+            grads = _penalty_grads(sync, x[lo:hi], {t: v[lo:hi] for t, v in w.items()})
+            ref_grads = _penalty_grads(ref, x, w)
+            for name, grad in grads.items():
+                dist.all_reduce(grad)
+                _check(f"rank {rank}, norm={norm} {kwargs}: double backward, {name}", grad, ref_grads[name])
 
         # without running statistics, eval mode uses each process's local batch (as nn.SyncBatchNorm
         # does), so an evaluation on one rank only cannot hang
@@ -156,6 +243,49 @@ def _worker(rank: int, port: int) -> None:
         if rank == 0:  # rank 1 does not take part: must not block
             with mtnorm.use_task(synced, "seg"):
                 synced(xs)
+        dist.barrier()
+    finally:
+        restore()
+        dist.destroy_process_group()
+
+
+OFFSET = 1e4
+# float32 rounds each process's mean m_i to within ulp(1e4) / 2 = 4.9e-4, which perturbs the
+# between-process term n_i (m_i - mean)^2. Measured max relative error of the variance over the 16
+# channels (noise of unit variance): 9.6e-5 (one process: 5.6e-8, as CPU reductions of float32
+# accumulate in float64); the naive E[x^2] - mean^2 from the same float32 data: 22 to 31.
+OFFSET_RTOL = 1e-3
+
+
+def _offset_worker(rank: int, port: int) -> None:
+    _init(rank, port)
+    try:
+        g = torch.Generator().manual_seed(2)
+        c = 16
+        x = (OFFSET + torch.randn(sum(SHARDS), c, 4, 4, generator=g, dtype=torch.float64)).float()
+        lo, hi = sum(SHARDS[:rank]), sum(SHARDS[: rank + 1])
+        for chunks in (1, len(TASKS)):  # one task pass, and a batched pass over every task
+            # task t sees its own copy of the batch, shifted by t so that the chunks differ
+            batch = torch.cat([x + t for t in range(chunks)])
+            layer = mtnorm.convert_sync(mtnorm.TaskBatchNorm(c, TASKS)).train()
+            local = mtnorm.TaskBatchNorm(c, TASKS).train()
+            # the layout of a batch of `chunks` tasks, each chunk holding this process's samples
+            xs = _stats.chunk_view(batch.view(chunks, -1, c, 4, 4)[:, lo:hi].reshape(-1, c, 4, 4), chunks, c)
+            var, mean, count = layer._batch_moments(xs)
+            ref_var, ref_mean, ref_count = local._batch_moments(_stats.chunk_view(batch, chunks, c))
+            assert count == ref_count == sum(SHARDS) * 16
+            assert var.dtype == mean.dtype == torch.float32
+            torch.testing.assert_close(var, ref_var, rtol=OFFSET_RTOL, atol=0)
+            torch.testing.assert_close(mean, ref_mean, rtol=1e-6, atol=0)
+            # the exact variance of these float32 values agrees as well
+            xs64 = _stats.chunk_view(batch.double(), chunks, c)
+            exact = xs64.var(dim=(1, 3), correction=0)
+            torch.testing.assert_close(var.double(), exact, rtol=OFFSET_RTOL, atol=0)
+            # the naive E[x^2] - mean^2 in float32, on the same data, misses by far more
+            full = _stats.chunk_view(batch, chunks, c)
+            m = full.mean(dim=(1, 3))
+            naive = full.square().mean(dim=(1, 3)) - m.square()
+            assert ((naive.double() - exact).abs() / exact).max() > 100 * OFFSET_RTOL
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -170,6 +300,11 @@ def _free_port() -> int:
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_sync_matches_one_process_on_concatenated_batch():
     mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_unequal_shards_with_large_offset_match_one_process_variance():
+    mp.spawn(_offset_worker, args=(_free_port(),), nprocs=WORLD, join=True)
 
 
 @pytest.mark.parametrize("norm,kwargs", CASES)

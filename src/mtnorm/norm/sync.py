@@ -1,9 +1,23 @@
-"""Per-task synchronized batch normalization for DistributedDataParallel.
+r"""Per-task synchronized batch normalization for DistributedDataParallel.
 
 Like ``nn.SyncBatchNorm``, but per task: each task's batch statistics are computed over the union
 of that task's chunks on every process, so T tasks on N processes normalize exactly as one process
-on the concatenated batch would. Statistics are combined in two all-reduces (sums, then squared
-deviations from the global mean) through ``torch.distributed.nn``, which carries gradients.
+on the concatenated batch would.
+
+Each process i first reduces its own chunk, for every task and channel: the count :math:`n_i`, the
+mean :math:`m_i` and the squared deviations from that mean, :math:`M2_i = \sum (x - m_i)^2`. One
+all-gather of the packed ``[m_i, M2_i, n_i]`` hands every process all of them, and each process
+combines them with the pairwise formula of Chan, Golub and LeVeque (1979, "Updating formulae and a
+pairwise algorithm for computing sample variances"), which never subtracts two large sums:
+
+.. math:: n = \sum_i n_i,\qquad \mu = \frac{1}{n} \sum_i n_i m_i,\qquad
+          M2 = \sum_i M2_i + \sum_i n_i (m_i - \mu)^2,\qquad \sigma^2 = \frac{M2}{n}
+
+(the biased variance, which the local layers also normalize with). So a layer costs ONE collective
+per pass in forward (the all-gather; a batched pass covers every task at once) and ONE in backward
+(an all-reduce of the gathered statistics' gradient), as ``nn.SyncBatchNorm`` does, which also
+gathers per-process statistics. Both carry gradients (:class:`_AllGather`).
+
 Without an initialized process group (or with one process) the layers behave like their local
 counterparts, so a converted model runs unchanged outside ``torchrun``.
 """
@@ -20,28 +34,83 @@ from mtnorm.norm.adaptive import AdaINBatchNorm, DynamicWeightedBatchNorm
 from mtnorm.norm.batchnorm import TaskBatchNorm, TaskSigmoidBatchNorm, _TaskBatchNormBase
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Differentiable all-reduce (sum): the gradient of every process's copy of the sum reaches every
-    process's summand, so the backward is itself an all-reduce of the upstream gradients.
+class _AllGather(torch.autograd.Function):
+    """Differentiable all-gather: a ``[k]`` tensor on every process gives ``[world, k]``, row r
+    being rank r's tensor.
 
-    (``torch.distributed.nn.functional.all_reduce`` computes the same but is deprecated and warns
-    with a ``FutureWarning`` on every call.)
+    Row r of *every* process's output is rank r's input, so rank r's input gradient is the sum over
+    processes of row r of their upstream gradients: one all-reduce of the ``[world, k]`` gradient,
+    of which each rank keeps its row (:class:`_SumRow`; gloo has no reduce-scatter).
     """
 
     @staticmethod
     def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
         ctx.group = group
-        out = tensor.clone(memory_format=torch.contiguous_format)
-        dist.all_reduce(out, op=dist.ReduceOp.SUM, group=group)
+        tensor = tensor.contiguous()
+        out = tensor.new_empty(dist.get_world_size(group), tensor.numel())
+        # the list form into the rows of one tensor: gloo and nccl, and not deprecated
+        # (``all_gather_into_tensor`` warns in torch 2.13)
+        dist.all_gather(list(out.unbind(0)), tensor, group=group)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return _AllReduceSum.apply(grad, ctx.group), None
+        return _SumRow.apply(grad, ctx.group), None
 
 
-def _all_reduce(tensor: torch.Tensor, group: Any) -> torch.Tensor:
-    return _AllReduceSum.apply(tensor, group)
+class _SumRow(torch.autograd.Function):
+    """The adjoint of :class:`_AllGather`: ``[world, k]`` on every process, summed over processes
+    (one all-reduce), of which this rank keeps its own row ``[k]``.
+
+    Its backward is an all-gather again, so a double backward (a gradient penalty) also works.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor, group: Any) -> torch.Tensor:
+        ctx.group = group
+        total = tensor.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=group)
+        return total[dist.get_rank(group)].clone()
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return _AllGather.apply(grad, ctx.group), None
+
+
+def _local_pack(xs: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """This process's ``[m_i, M2_i, n_i]`` for ``xs = [K, B, C, L]``: ``2 K C + 1`` values.
+
+    ``m_i`` and ``M2_i = n_i var_i`` (``[K, C]`` each, flattened) come from ``torch.var_mean`` in
+    ``acc``: a stable reduction (deviations from the local mean, not ``E[x^2] - E[x]^2``) that,
+    unlike an explicit two-pass ``(x - m_i)^2``, keeps no centered copy of the activations for
+    backward. (An empty chunk never gets here: its ``[K, 0, C, -1]`` view is rejected earlier.)
+    """
+    n_i = xs.shape[1] * xs.shape[3]
+    var, mean = torch.var_mean(xs.to(acc), dim=(1, 3), correction=0)
+    count = torch.tensor([float(n_i)], dtype=acc, device=xs.device)
+    return torch.cat([mean.flatten(), (var * n_i).flatten(), count])
+
+
+def _combine(packs: torch.Tensor, k: int, c: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Biased variance and mean ``[K, C]`` and the total count from every process's pack
+    ``[world, 2 K C + 1]`` (Chan, Golub and LeVeque, 1979):
+
+    .. math:: n = \sum_i n_i,\quad \mu = \sum_i \tfrac{n_i}{n} m_i,\quad
+              \sigma^2 = \frac{1}{n}\Big(\sum_i M2_i + \sum_i n_i (m_i - \mu)^2\Big)
+
+    The between-process term uses differences of means, which are small where the data share a
+    large offset, so no cancellation of large numbers occurs.
+    """
+    kc = k * c
+    means = packs[:, :kc].view(-1, k, c)
+    m2s = packs[:, kc : 2 * kc].view(-1, k, c)
+    counts = packs[:, -1].detach()  # sample counts: constants, no gradient
+    total = counts.sum()
+    weights = (counts / total)[:, None, None]
+    mean = (weights * means).sum(0)
+    between = (counts[:, None, None] * (means - mean).square()).sum(0)
+    var = (m2s.sum(0) + between) / total
+    return var, mean, total
 
 
 class _SyncStats:
@@ -49,8 +118,8 @@ class _SyncStats:
 
     As in ``nn.SyncBatchNorm``, statistics are synchronized only in training mode: in eval mode
     (with ``track_running_stats=False``) each process normalizes with its local batch, so an
-    evaluation that runs on one rank only cannot hang. Sums are accumulated in at least float32
-    (and the per-process counts with them), then cast back to the input's dtype.
+    evaluation that runs on one rank only cannot hang. Moments are computed and combined in at
+    least float32 (and the per-process counts with them), then cast back to the input's dtype.
     """
 
     _native_single_task = False
@@ -59,6 +128,7 @@ class _SyncStats:
     process_group: Any = None
 
     def _batch_moments(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Moments of ``xs = [K, B, C, L]`` over every process: one all-gather (see the module)."""
         group = self.process_group
         if (
             not self.training  # type: ignore[attr-defined]
@@ -67,14 +137,8 @@ class _SyncStats:
         ):
             return super()._batch_moments(xs)  # type: ignore[misc]
         acc = torch.promote_types(xs.dtype, torch.float32)
-        local = xs.shape[1] * xs.shape[3]
-        count = torch.tensor([float(local)], dtype=acc, device=xs.device)
-        sums = _all_reduce(torch.cat([xs.sum(dim=(1, 3), dtype=acc).flatten(), count]), group)
-        total = sums[-1]
-        mean = (sums[:-1] / total).view(xs.shape[0], xs.shape[2])
-        centered = xs.to(acc) - mean[:, None, :, None]
-        sq = _all_reduce(centered.square().sum(dim=(1, 3)), group)
-        var = sq / total
+        packs = _AllGather.apply(_local_pack(xs, acc), group)
+        var, mean, total = _combine(packs, xs.shape[0], xs.shape[2])
         return var.to(xs.dtype), mean.to(xs.dtype), int(total.item())
 
 
