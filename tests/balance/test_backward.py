@@ -103,9 +103,7 @@ def test_rep_mode_against_reference() -> None:
     losses = task_losses(model(x), y)
     shared = list(model.encoder.parameters())
     rep = model.features
-    g = torch.stack(
-        [torch.autograd.grad(v, rep, retain_graph=True)[0].reshape(-1) for v in losses.values()]
-    )
+    g = torch.stack([torch.autograd.grad(v, rep, retain_graph=True)[0].reshape(-1) for v in losses.values()])
     l = torch.stack(list(losses.values())).detach()
     d = balance.get("db_mtl").aggregate(g, l)
     expected = torch.autograd.grad(rep, shared, d.view_as(rep), retain_graph=True)
@@ -224,3 +222,99 @@ def test_compositions_through_backward(kwargs, scale) -> None:
         for t, task in enumerate(TASKS3):
             for p, g_ref in zip(model.heads.heads[task].parameters(), head[t]):
                 torch.testing.assert_close(p.grad, scale(l)[t] * g_ref)
+
+
+def assert_same_state(a, b) -> None:
+    """Two ``state_dict`` values equal exactly: tensors elementwise, containers recursively."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), (a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys(), (a.keys(), b.keys())
+        for k in a:
+            assert_same_state(a[k], b[k])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), (a, b)
+        for u, v in zip(a, b):
+            assert_same_state(u, v)
+    else:
+        assert a == b, (a, b)
+
+
+LOSS_WEIGHTINGS = [
+    ("ew", {}), ("uw", {}), ("dwa", {}), ("rlw", {}), ("gls", {}), ("imtl_l", {}), ("log", {}),
+    ("famo", {}), ("ew", {"log_losses": True}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "kwargs"), LOSS_WEIGHTINGS)
+def test_weighted_objective_backward_writes_what_backward_writes(name, kwargs) -> None:
+    """``L.backward()`` of ``weighted_objective``'s ``L = sum_t w_t l_t`` gives the gradients,
+    diagnostics and method state of ``backward`` (3 steps on changing data, so that stateful
+    methods use their state); ``reduce`` gets the T loss values, once."""
+    torch.manual_seed(0)
+    model = HardSharing().double()
+    twin = copy.deepcopy(model)
+    ours, theirs = make(name, **kwargs), make(name, **kwargs)
+    calls = []
+
+    def reduce(values: torch.Tensor) -> torch.Tensor:
+        calls.append(values.shape)
+        return values
+
+    for step in range(3):
+        model.zero_grad(set_to_none=True)
+        twin.zero_grad(set_to_none=True)
+        x, y = data(step)
+        want = theirs.backward(task_losses(model(x), y), list(model.encoder.parameters()))
+        objective, got = ours.weighted_objective(task_losses(twin(x), y), reduce=reduce)
+        assert objective.dim() == 0 and objective.requires_grad
+        objective.backward()
+        for p, q in zip(twin.parameters(), model.parameters()):
+            torch.testing.assert_close(p.grad, q.grad)
+        assert got.step == want.step == step
+        torch.testing.assert_close(got.weights, want.weights)
+        torch.testing.assert_close(got.losses, want.losses)
+    assert calls == [(3,)] * 3
+    assert ours.step == theirs.step == 3
+    for p, q in zip(ours.parameters(), theirs.parameters()):  # learned weights' .grad (UW, IMTL-L)
+        torch.testing.assert_close(p.grad, q.grad)
+    assert_same_state(ours.state_dict(), theirs.state_dict())
+
+
+def test_weighted_objective_refuses_gradient_methods_and_checks_the_reduced_values() -> None:
+    model = HardSharing().double()
+    x, y = data()
+    with pytest.raises(TypeError, match="PCGrad combines per-task gradients"):
+        make("pcgrad").weighted_objective(task_losses(model(x), y))
+    b = make("uw")
+    before = copy.deepcopy(b.state_dict())
+
+    def poison(values: torch.Tensor) -> torch.Tensor:  # another process's loss was NaN
+        return values * torch.tensor([1.0, float("nan"), 1.0], dtype=values.dtype)
+
+    with pytest.raises(balance.NonFiniteError, match="loss for task 'b' at step 0"):
+        b.weighted_objective(task_losses(model(x), y), reduce=poison)
+    assert b.step == 0 and b.log_scale.grad is None
+    assert_same_state(b.state_dict(), before)
+
+
+@pytest.mark.parametrize("name", ["uw", "dwa", "famo", "rlw"])
+def test_snapshot_restore_undoes_a_weighted_step(name) -> None:
+    """What a trainer does when fp16 overflow skips a step: the method's state, ``step`` and the
+    learned weights' ``.grad`` return to the snapshot's, and the next step repeats the skipped one."""
+    model = HardSharing().double()
+    b = make(name)
+    x, y = data()
+    b.weighted_objective(task_losses(model(x), y))  # a first step, so there is state to keep
+    before = copy.deepcopy(b.state_dict())
+    grads = [None if p.grad is None else p.grad.clone() for p in b.parameters()]
+    snapshot = b.snapshot()
+    x2, y2 = data(1)
+    _, skipped = b.weighted_objective(task_losses(model(x2), y2))
+    b.restore(snapshot)
+    assert b.step == 1
+    assert_same_state(b.state_dict(), before)
+    for p, g in zip(b.parameters(), grads):
+        torch.testing.assert_close(p.grad, g)
+    _, again = b.weighted_objective(task_losses(model(x2), y2))
+    torch.testing.assert_close(again.weights, skipped.weights)

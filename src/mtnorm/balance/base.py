@@ -5,7 +5,9 @@ A balancer maps the per-task gradients ``G`` (a ``T x P`` matrix, row ``t`` the 
 numbers). :meth:`Balancer.aggregate` is that map and nothing else; :meth:`Balancer.backward` runs
 it on a real model: it computes whatever gradients the method needs, writes ``d`` into the shared
 parameters' ``.grad`` and gives every task-specific parameter its own task's gradient, scaled the
-way the method scales that task's loss.
+way the method scales that task's loss. Loss weighting's step is one scalar, ``sum_t w_t l_t``
+(:meth:`Balancer.weighted_objective`), for callers that run the backward themselves (e.g.
+DistributedDataParallel, whose reducer sees only ``.backward()``).
 
 Each call of ``aggregate`` or ``backward`` is one training step: stateful methods (moving averages,
 previous losses, learned weights) advance their state on every call. That state is saved by
@@ -177,91 +179,129 @@ class Balancer(nn.Module):
                 then every task-specific gradient: ONE call per step, after which every process
                 combines the global batch's losses and per-task gradients (the method is
                 nonlinear: PCGrad of averaged gradients is not the average of PCGrads). Loss
-                weighting makes two calls: the ``T`` loss values before the weights, then the
-                gradient of the one weighted backward. The checks of losses and gradients run on
-                the averaged values, so every process raises, or not, together. Not with ``rep``
-                (the gradients of a representation are per sample, not averageable).
+                weighting makes two calls: the ``T`` loss values before the weights
+                (:meth:`weighted_objective`), then the gradient of the one weighted backward. The
+                checks of losses and gradients run on the averaged values, so every process
+                raises, or not, together. Not with ``rep`` (the gradients of a representation are
+                per sample, not averageable).
 
         Raises:
             KeyError: a task is missing from ``losses`` or unknown.
             NonFiniteError: a loss or gradient is NaN/inf; no ``.grad`` has changed.
         """
-        names, loss_list = self._bind(losses)
-        for t, loss in zip(names, loss_list):
-            if not loss.requires_grad:
-                raise ValueError(
-                    f"the loss of task {t!r} has no autograd graph (requires_grad=False): it was "
-                    "computed under torch.no_grad() or detached, so backward would write nothing"
-                )
-        values = torch.stack([loss.detach().reshape(()) for loss in loss_list])
-        if reduce is None:
-            self._check_values(values)
+        names, loss_list = self._bind_graphs(losses)
         shared = _grads.unique(shared)
         _warn_task_specific(shared)
         mode = _grads.resolve_mode(grad_mode, rep, cheap=not self.requires_grads and not diagnostics)
         if reduce is not None and mode == "rep":
             raise ValueError("reduce= cannot average gradients with respect to rep (they are per sample)")
-
         if mode == "weighted":
-            if reduce is not None:
-                values = reduce(values.clone())
-                self._check_values(values)
-            # The weights come first (they may advance state and learned-weight gradients); a
+            # The weights come first (they advance state and learned-weight gradients); a
             # non-finite gradient found afterwards rolls both back.
-            snapshot = self._snapshot()
-            weights = self.loss_weights(values)
-            try:
-                self._weighted_backward(loss_list, weights, reduce)
-            except NonFiniteError:
-                self._restore(snapshot)
-                raise
-            result = Diagnostics(names, self.step, weights.detach(), weights.detach(), losses=values)
+            snapshot = self.snapshot()
+            objective, result = self._weighted_objective(names, loss_list, reduce)
+            bad = self._weighted_backward(objective, loss_list, reduce)
+            if bad is not None:
+                self.restore(snapshot)  # before the message, which names the step
+                self._raise_nonfinite("gradient", bad)
+            return result
+
+        values = torch.stack([loss.detach().reshape(()) for loss in loss_list])
+        if reduce is None:
+            self._check_values(values)
+        task_grads = _grads.task_gradients(loss_list, shared, mode, rep=rep)
+        if reduce is not None:
+            values = _grads.reduce_task_grads(task_grads, values, reduce)
+            self._check_values(values)
+        self._check_finite_rows(task_grads.shared, "gradient")
+        for t, specific in enumerate(task_grads.specific):
+            self._check_finite_list(specific.values(), t)
+        out = self.combine(task_grads.shared, values.to(task_grads.shared.dtype))
+        direction = out.direction
+        if mode == "rep":
+            direction = _grads.through_rep(rep, shared, direction)
+            self._check_finite_list(direction, None)
+            _grads.accumulate(shared, direction)
         else:
-            task_grads = _grads.task_gradients(loss_list, shared, mode, rep=rep)
-            if reduce is not None:
-                values = _grads.reduce_task_grads(task_grads, values, reduce)
-                self._check_values(values)
-            self._check_finite_rows(task_grads.shared, "gradient")
-            for t, specific in enumerate(task_grads.specific):
-                self._check_finite_list(specific.values(), t)
-            out = self.combine(task_grads.shared, values.to(task_grads.shared.dtype))
-            direction = out.direction
-            if mode == "rep":
-                direction = _grads.through_rep(rep, shared, direction)
-                self._check_finite_list(direction, None)
-                _grads.accumulate(shared, direction)
-            else:
-                _grads.accumulate_flat(shared, direction)
-            for scale, specific in zip(out.loss_scale.tolist(), task_grads.specific):
-                _grads.accumulate(list(specific), [g * scale for g in specific.values()])
-            g = task_grads.shared
-            result = Diagnostics(
-                names,
-                self.step,
-                out.weights.detach(),
-                out.loss_scale.detach(),
-                grad_norms=g.norm(dim=1),
-                cosines=cosine_matrix(g),
-                losses=values,
-            )
+            _grads.accumulate_flat(shared, direction)
+        for scale, specific in zip(out.loss_scale.tolist(), task_grads.specific):
+            _grads.accumulate(list(specific), [g * scale for g in specific.values()])
+        g = task_grads.shared
+        result = Diagnostics(
+            names,
+            self.step,
+            out.weights.detach(),
+            out.loss_scale.detach(),
+            grad_norms=g.norm(dim=1),
+            cosines=cosine_matrix(g),
+            losses=values,
+        )
         self.step += 1
         return result
+
+    def weighted_objective(
+        self, losses: Mapping[str, Tensor], *, reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> tuple[Tensor, Diagnostics]:
+        """Loss weighting as one scalar to backpropagate: ``L = sum_t w_t l_t``, ``w`` a constant.
+
+        ``w = loss_weights(l_bar)``, where ``l_bar`` are the loss values (``reduce``: averaged over
+        processes first, one call on the ``T`` values, so that every process computes the weights
+        of the global batch and learned weights move as in one process). ``w`` is detached, so
+        ``L.backward()`` gives every parameter ``sum_t w_t dl_t/dtheta``: the shared parameters the
+        direction ``d = w @ G``, each task-specific parameter its task's gradient times ``w_t``,
+        which is what :meth:`backward` writes. This is the step :meth:`backward` runs for loss
+        weighting; call it directly when something else does the backward (e.g. DDP, whose
+        buckets average the gradients during ``L.backward()``).
+
+        Advances the method by one step (its state, ``step``, the ``.grad`` of learned weights):
+        take a :meth:`snapshot` first to :meth:`restore` if the step is then skipped (an fp16
+        overflow) or its gradient is not finite.
+
+        Returns:
+            ``(L, diagnostics)``; ``diagnostics.losses`` are the (averaged) loss values the
+            weights came from.
+
+        Raises:
+            TypeError: the method combines per-task gradients (``requires_grads``).
+            NonFiniteError: a loss value (after ``reduce``) is NaN/inf; nothing has changed.
+        """
+        if self.requires_grads:
+            raise TypeError(
+                f"{type(self).__name__} combines per-task gradients, not losses: it has no weighted "
+                "objective; use backward()"
+            )
+        names, loss_list = self._bind_graphs(losses)
+        return self._weighted_objective(names, loss_list, reduce)
 
     def loss_weights(self, losses: Tensor) -> Tensor:
         """Loss weighting only: the weights ``w`` (``T``) of one step; ``d = w @ G``."""
         raise TypeError(f"{type(self).__name__} is a gradient method; it has no loss weights")
 
     # ---------------------------------------------------------------- helpers
+    def _weighted_objective(
+        self, names: tuple[str, ...], loss_list: list[Tensor], reduce: Callable[[Tensor], Tensor] | None
+    ) -> tuple[Tensor, Diagnostics]:
+        """:meth:`weighted_objective` on bound losses."""
+        values = torch.stack([loss.detach().reshape(()) for loss in loss_list])
+        if reduce is not None:
+            values = reduce(values.clone())
+        self._check_values(values)
+        weights = self.loss_weights(values).detach()
+        stacked = torch.stack([loss.reshape(()) for loss in loss_list])
+        objective = (stacked * weights.to(stacked.dtype)).sum()
+        result = Diagnostics(names, self.step, weights, weights, losses=values)
+        self.step += 1
+        return objective, result
+
     def _weighted_backward(
-        self, loss_list: list[Tensor], weights: Tensor, reduce: Callable[[Tensor], Tensor] | None = None
-    ) -> None:
-        """The cheap path: one backward of ``sum_t w_t l_t`` into temporaries, (averaged over
-        processes by ``reduce``,) checked, then added."""
-        objective = torch.stack([loss.reshape(()) for loss in loss_list])
-        objective = (objective * weights.to(objective.dtype).detach()).sum()
+        self, objective: Tensor, loss_list: list[Tensor], reduce: Callable[[Tensor], Tensor] | None = None
+    ) -> list[int] | None:
+        """The cheap path: one backward of ``objective`` (``sum_t w_t l_t``) into temporaries,
+        (averaged over processes by ``reduce``,) checked, then added. Returns ``None``, or, with
+        nothing added, the tasks whose gradient is not finite."""
         params = _grads.reachable_parameters(objective)
         if not params:
-            return
+            return None
         # Retained so that the rare error path below can still find the culprit task.
         grads = torch.autograd.grad(objective, params, retain_graph=True, allow_unused=True)
         grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
@@ -269,9 +309,20 @@ class Balancer(nn.Module):
             grads = _grads.reduce_flat(grads, reduce)
         if not all(bool(torch.isfinite(g).all()) for g in grads):
             # Rare path: find the culprit task, which the summed gradient cannot tell.
-            bad = _grads.nonfinite_tasks(loss_list, params)
-            self._raise_nonfinite("gradient", bad or list(range(len(loss_list))))
+            return _grads.nonfinite_tasks(loss_list, params) or list(range(len(loss_list)))
         _grads.accumulate(params, grads)
+        return None
+
+    def _bind_graphs(self, losses: Mapping[str, Tensor]) -> tuple[tuple[str, ...], list[Tensor]]:
+        """:meth:`_bind`, refusing a loss without an autograd graph."""
+        names, loss_list = self._bind(losses)
+        for t, loss in zip(names, loss_list):
+            if not loss.requires_grad:
+                raise ValueError(
+                    f"the loss of task {t!r} has no autograd graph (requires_grad=False): it was "
+                    "computed under torch.no_grad() or detached, so backward would write nothing"
+                )
+        return names, loss_list
 
     def _bind(self, losses: Mapping[str, Tensor]) -> tuple[tuple[str, ...], list[Tensor]]:
         if not isinstance(losses, Mapping):
@@ -298,8 +349,7 @@ class Balancer(nn.Module):
             raise ValueError(f"grads must be a T x P matrix, got shape {tuple(grads.shape)}")
         if losses.shape != (grads.shape[0],):
             raise ValueError(
-                f"losses must have shape ({grads.shape[0]},) to match grads, got "
-                f"{tuple(losses.shape)}"
+                f"losses must have shape ({grads.shape[0]},) to match grads, got {tuple(losses.shape)}"
             )
         if self.tasks is not None and len(self.tasks) != grads.shape[0]:
             raise ValueError(
@@ -357,11 +407,15 @@ class Balancer(nn.Module):
                 self._raise_nonfinite("gradient", [task])
 
     # ---------------------------------------------------------------- state
-    def _snapshot(self) -> tuple[dict[str, Any], list[Tensor | None]]:
+    def snapshot(self) -> tuple[dict[str, Any], list[Tensor | None]]:
+        """The method's state (``state_dict``, ``step`` included) and its parameters' ``.grad``,
+        for :meth:`restore`: undoing a step that was skipped (fp16 overflow) or failed. Parameter
+        values are held, not copied: a step changes only their ``.grad``, the optimizer the rest."""
         grads = [None if p.grad is None else p.grad.clone() for p in self.parameters()]
         return self.state_dict(keep_vars=True), grads
 
-    def _restore(self, snapshot: tuple[dict[str, Any], list[Tensor | None]]) -> None:
+    def restore(self, snapshot: tuple[dict[str, Any], list[Tensor | None]]) -> None:
+        """Put back what :meth:`snapshot` took: the state and the learned weights' ``.grad``."""
         state, grads = snapshot
         self.load_state_dict(state)
         for p, g in zip(self.parameters(), grads):
@@ -384,7 +438,8 @@ class Balancer(nn.Module):
 class LossWeighting(Balancer):
     """Base of the loss-based methods: losses to weights ``w``; the direction is ``d = w @ G``.
 
-    Through :meth:`backward` they need no per-task gradients: one backward of ``sum_t w_t l_t``.
+    Through :meth:`backward` they need no per-task gradients: one backward of ``sum_t w_t l_t``
+    (:meth:`weighted_objective`).
     """
 
     requires_grads = False
