@@ -1,4 +1,5 @@
-"""The flat gradient all-reduce of distributed training (``MTNORM_GRAD_SYNC=flat``, the default).
+"""The flat gradient all-reduce of distributed training (``MTNORM_GRAD_SYNC=flat``; under the
+default ``auto``, the path of gradient balancers; DDP's is tested in test_ddp_model.py).
 
 * 2 gloo processes reach the parameters of one process on the same global batch for equal
   weighting, two loss weightings (UW, DWA) and two gradient balancers (PCGrad, DB-MTL), with the
@@ -69,8 +70,12 @@ def _origin(filename: str) -> str:
 def _join(rank: int, world: int, port: int, **env: str) -> None:
     """The environment torchrun gives a worker (plus ``env``), and this folder on its path."""
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), **env,
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        **env,
     )
     sys.path.insert(0, str(Path(__file__).parent))
 
@@ -287,8 +292,12 @@ def test_four_processes_match_one(tmp_path):
 
 def _nan_worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank), MTNORM_GRAD_SYNC="flat",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+        MTNORM_GRAD_SYNC="flat",
     )
     sys.path.insert(0, str(Path(__file__).parent))
     import torch.distributed as dist

@@ -96,6 +96,9 @@ class LearningToBranch(Architecture):
         tau_final: the temperature at the last search epoch (default: ``tau``, no annealing).
     """
 
+    # a frozen tree leaves the nodes off its paths (and the logits) out of the graph: DDP must look
+    ddp_find_unused_parameters = True
+
     def __init__(
         self,
         columns: Sequence[nn.Module],

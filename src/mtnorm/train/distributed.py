@@ -1,32 +1,42 @@
-"""Data parallelism: every process a full replica, one flat all-reduce of gradients per step.
+"""Data parallelism: every process a full replica, gradients averaged over processes each step.
 
-Design: every process holds a full replica, reads its own shard of each global batch, and
-averages the step's gradients over processes with ONE flat all-reduce (:func:`average_flat_`, in
-buckets of at most :data:`BUCKET_BYTES`), not one collective per parameter:
+Every process holds a full replica, reads its own shard of each global batch, and averages the
+step's gradients over processes. ``MTNORM_GRAD_SYNC`` (:func:`grad_sync`) chooses how; the default
+``auto`` (:func:`resolve_grad_sync`) picks, per run, the path that fits the balancer:
 
-* equal weighting (one backward of the summed loss): after backward, every ``.grad`` and the T
-  loss values (for the logs and the finiteness check) are flattened into one buffer, averaged
-  and written back (:func:`average_grads`): 1 collective per step;
-* loss weighting (UW, DWA, ...): the weights need the global batch's losses, so the T loss values
-  are averaged first, then the gradient of the one weighted backward: 2 collectives per step;
-* gradient balancers (PCGrad, DB-MTL, ...): ``Balancer.backward(..., reduce=average_flat_)``
-  averages the loss values, the per-task gradients ``G`` (T x P) of the shared parameters and
-  every task-specific gradient in one collective *before* the method combines them (a balancer
-  is nonlinear: PCGrad of averaged gradients is not the average of PCGrads): 1 per step.
+* equal weighting, STL and loss weighting (UW, DWA, RLW, GLS, IMTL-L, log, FAMO, and
+  ``log_losses`` over one of them: every balancer with ``requires_grads=False``) run on
+  DistributedDataParallel (:mod:`mtnorm.train.ddp_model`): ONE DDP forward covers every task
+  pass, and the one ``.backward()`` of ``sum_t w_t l_t`` (``w_t = 1`` for equal weighting) fires
+  DDP's buckets, all-reduced while the rest of backward runs. Before it, the T loss values are
+  averaged in one small all-reduce: loss weighting computes its weights from the global batch's
+  losses (every rank gets the same ``w``, learned weights such as UW's move exactly as in one
+  process), and the finiteness check sees the same values on every rank. Per step: the buckets
+  + 1 (+ 1 used-parameter bitmap when the model declares unused parameters, see
+  :func:`mtnorm.train.ddp_model.wrap`);
+* gradient balancers (PCGrad, DB-MTL, MGDA, Nash-MTL, ...) use the flat path: they must average the
+  per-task gradients ``G`` (T x P) *before* combining them (a balancer is nonlinear: PCGrad of
+  averaged gradients is not the average of PCGrads), which DDP cannot do, and they take their
+  gradients with ``torch.autograd.grad``, which DDP's reducer never sees.
+  ``Balancer.backward(..., reduce=average_flat_)`` averages the loss values, ``G`` and every
+  task-specific gradient in ONE flat all-reduce (:func:`average_flat_`, in buckets of at most
+  :data:`BUCKET_BYTES`) before the method combines them: 1 collective per step.
 
-Plus one scalar per step, the stop flag (a signal to one rank stops all at the same step).
+The other values:
 
-DistributedDataParallel is not the default: a step here is several forward passes (one per task,
-sequential, each with its own graph) and, with gradient balancers, per-task gradients taken by
-``torch.autograd.grad``, which DDP's reducer (it hooks ``.backward()`` into ``.grad`` and expects
-one forward per backward) does not see. The flat reduce does the same arithmetic (a sum over
-ranks of each gradient element, then a division) without overlap of communication and backward.
+* ``flat``: the flat path for everything: equal weighting all-reduces every ``.grad`` and the T
+  loss values in one buffer after backward (:func:`average_grads`, 1 collective); loss weighting
+  averages the T loss values, then the gradient of its one weighted backward (2 collectives);
+  gradient balancers as above. The same average as DDP's (a sum over ranks of each gradient
+  element and a division by their number; DDP divides first), without the overlap of
+  communication and backward;
+* ``ddp``: the same as ``auto`` (a gradient balancer falls back to ``flat``, with a message);
+* ``hooks``: the first path, a hook on every parameter averaging each gradient as it is produced
+  (one collective per parameter per task pass), kept for comparison in
+  ``benchmarks/bench_distributed.py``.
 
-The previous path, a hook on every parameter averaging each gradient as it is produced (one
-collective per parameter per task pass), stays available with ``MTNORM_GRAD_SYNC=hooks`` (for
-comparison in ``benchmarks/bench_distributed.py``). ``MTNORM_GRAD_SYNC=ddp`` runs equal weighting
-on DistributedDataParallel, whose buckets overlap with backward (:mod:`mtnorm.train.ddp_model`;
-other balancers then use the flat path).
+Every path adds one scalar per step, the stop flag (a signal to one rank stops all at the same
+step).
 
 Norm statistics are synchronized with :func:`mtnorm.convert_sync` (task norms) or
 ``nn.SyncBatchNorm`` (shared norms).
@@ -82,7 +92,7 @@ def init_from_env(device: torch.device) -> World:
     return World(dist.get_rank(), dist.get_world_size())
 
 
-GRAD_SYNCS = ("flat", "hooks", "ddp")
+GRAD_SYNCS = ("auto", "flat", "hooks", "ddp")
 
 #: The largest all-reduce :func:`average_flat_` issues; longer buffers go in several (DDP's
 #: default bucket is 25 MiB, chosen for overlap with backward, which a post-backward reduce does not
@@ -91,12 +101,27 @@ BUCKET_BYTES = 256 * 2**20
 
 
 def grad_sync() -> str:
-    """How gradients are averaged (env ``MTNORM_GRAD_SYNC``): ``"flat"`` (default), ``"hooks"`` or
-    ``"ddp"`` (equal weighting only, :mod:`mtnorm.train.ddp_model`; others use ``"flat"``)."""
-    name = os.environ.get("MTNORM_GRAD_SYNC", "flat")
+    """How gradients are averaged, as requested (env ``MTNORM_GRAD_SYNC``, one of
+    :data:`GRAD_SYNCS`): ``"auto"`` (default), ``"flat"``, ``"hooks"`` or ``"ddp"``; see the module
+    docstring, and :func:`resolve_grad_sync` for the path a run takes."""
+    name = os.environ.get("MTNORM_GRAD_SYNC", "auto")
     if name not in GRAD_SYNCS:
         raise ValueError(f"MTNORM_GRAD_SYNC={name!r}; choose one of {list(GRAD_SYNCS)}")
     return name
+
+
+def resolve_grad_sync(requested: str, task_gradients: bool) -> str:
+    """The path a run takes: ``"ddp"``, ``"flat"`` or ``"hooks"``.
+
+    ``task_gradients``: the balancer combines per-task gradients (PCGrad, DB-MTL, ...), which must
+    be averaged before they are combined, so it takes ``"flat"`` under ``"auto"`` and ``"ddp"``;
+    equal weighting, STL and loss weighting (one backward of ``sum_t w_t l_t``) take ``"ddp"``.
+    """
+    if requested not in GRAD_SYNCS:
+        raise ValueError(f"grad sync {requested!r}; choose one of {list(GRAD_SYNCS)}")
+    if requested in ("auto", "ddp"):
+        return "flat" if task_gradients else "ddp"
+    return requested
 
 
 def average(grad: torch.Tensor) -> torch.Tensor:

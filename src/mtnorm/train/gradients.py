@@ -8,12 +8,14 @@ after backward. They run as parameter hooks instead, which PyTorch calls for ``.
 * fp16 loss scaling: losses pass through :func:`scale_grad` (identity forward, gradient times S
   backward) so the half-precision backward does not underflow, and the hook divides by S, so the
   balancer sees unscaled per-task gradients and the true loss values;
-* data parallelism, only with ``MTNORM_GRAD_SYNC=hooks`` (the previous path, kept for comparison):
+* data parallelism, only with ``MTNORM_GRAD_SYNC=hooks`` (the first path, kept for comparison):
   the hook all-reduces (averages) the gradient over processes, so every process hands the
   balancer the per-task gradients of the global batch, at one collective per parameter and task
-  pass. The default averages in one flat collective per step instead
-  (:mod:`mtnorm.train.distributed`; ``Balancer.backward(reduce=...)``), and the hooks then only
-  unscale.
+  pass. The default averages with DistributedDataParallel's buckets (equal and loss weighting) or
+  one flat collective per step (gradient balancers, ``Balancer.backward(reduce=...)``; see
+  :mod:`mtnorm.train.distributed`), and the hooks then only unscale: a tensor hook runs before
+  the gradient is accumulated into ``.grad``, so DDP's reducer, which fires after, copies the
+  unscaled gradient into its bucket.
 """
 
 from __future__ import annotations

@@ -2,7 +2,12 @@
 
 One code path serves every method and balancer: the model comes from
 :func:`mtnorm.models.build_method`, outputs from :func:`mtnorm.forward_tasks`, gradients from
-either a plain ``sum(losses).backward()`` (equal weighting) or ``Balancer.backward``.
+either a plain ``sum(losses).backward()`` (equal weighting) or ``Balancer.backward``. Under
+torchrun (:mod:`mtnorm.train.distributed`) equal weighting and loss weighting train on
+DistributedDataParallel by default: one DDP forward of every task pass, then one ``.backward()``
+of ``sum_t w_t l_t`` (``Balancer.weighted_objective``, weights from the loss values averaged over
+processes); gradient balancers average their per-task gradients in one flat all-reduce
+(``Balancer.backward(..., reduce=)``).
 
 Resuming is exact: a checkpoint holds the model, optimizer, scheduler, balancer, loss scale, every
 RNG state and the position (epoch, batch within the epoch). Batch order is a function of
@@ -16,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -135,6 +140,12 @@ def first_nonfinite(module: nn.Module) -> str | None:
     return None
 
 
+def grads_finite(params: Iterable[torch.Tensor]) -> bool:
+    """Whether every ``.grad`` of ``params`` is finite (one host sync, not one per tensor)."""
+    checks = [torch.isfinite(p.grad).all() for p in params if p.grad is not None]
+    return not checks or bool(torch.stack(checks).all())
+
+
 class Trainer:
     """Builds data, model, optimizer and balancer from ``cfg``; :meth:`fit` trains and evaluates.
 
@@ -208,13 +219,14 @@ class Trainer:
         self.optimizer = self._make_optimizer()
         self.scheduler = self._make_scheduler()
         self.loss_scale = LossScale(cfg.precision == "fp16")
-        # "flat": one all-reduce of every gradient (and, for gradient balancers, of the per-task
-        # gradients before they are combined) per step; "hooks": one per parameter and task pass
-        self.grad_sync = ddp.grad_sync() if self.world.distributed else None
+        # under torchrun: "ddp" (DDP's buckets during the one backward: equal and loss weighting),
+        # "flat" (one all-reduce of the gradients, for gradient balancers of the per-task gradients
+        # before they are combined) or "hooks" (one per parameter and task pass); see
+        # mtnorm.train.distributed. requires_grads, not the class: log_losses over a loss
+        # weighting is one weighted backward too
+        combines_grads = self.balancer is not None and self.balancer.requires_grads
+        self.grad_sync = self._resolve_grad_sync(combines_grads) if self.world.distributed else None
         self._ddp_forward: nn.Module | None = None
-        if self.grad_sync == "ddp" and self.balancer is not None:
-            self._log(f"MTNORM_GRAD_SYNC=ddp: equal weighting only; balancer {cfg.balancer!r} uses flat")
-            self.grad_sync = "flat"
         if self.grad_sync == "ddp":
             from mtnorm.train import ddp_model
 
@@ -236,6 +248,18 @@ class Trainer:
         self._check_batch_size()
 
     # ------------------------------------------------------------------ construction
+    def _resolve_grad_sync(self, combines_grads: bool) -> str:
+        """The gradient sync of this run (:func:`mtnorm.train.distributed.resolve_grad_sync`), with
+        a message when an explicit ``ddp`` cannot serve the balancer."""
+        requested = ddp.grad_sync()
+        chosen = ddp.resolve_grad_sync(requested, combines_grads)
+        if requested == "ddp" and chosen != "ddp":
+            self._log(
+                f"MTNORM_GRAD_SYNC=ddp: equal and loss weighting only; balancer {self.cfg.balancer!r} "
+                "combines per-task gradients, averaged before it combines them: it uses flat"
+            )
+        return chosen
+
     def _check_batch_size(self) -> None:
         """Refuse up front a run whose batches would hold a single sample per task and process.
 
@@ -368,10 +392,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ training
     def _global_losses(self, losses: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Give each loss the value of the global-batch mean, keeping its local gradient.
+        """Give each loss the value of the global-batch mean, keeping its local gradient (one
+        all-reduce of the T values).
 
-        Loss-based balancers read loss values; without this each process would weigh the tasks
-        by its own shard's losses and the replicas would drift apart.
+        For the paths whose backward does not average the loss values itself (``hooks``; equal
+        weighting on DDP): the finiteness check and the logs see the same, global, values on every
+        rank, and on ``hooks`` a loss-based balancer weighs the tasks by the global batch's losses
+        (by its own shard's, the replicas would drift apart).
         """
         values = torch.stack([l.detach() for l in losses.values()])
         torch.distributed.all_reduce(values)
@@ -386,6 +413,12 @@ class Trainer:
                 f"(epoch {self.epoch}); {self._last_good()}"
             )
 
+    @property
+    def _values_averaged_in_backward(self) -> bool:
+        """Whether the step's backward averages the loss values over processes itself: the flat
+        path (in its one collective), and loss weighting on DDP (before the weights)."""
+        return self.grad_sync == "flat" or (self.grad_sync == "ddp" and self.balancer is not None)
+
     def train_step(self, index: torch.Tensor) -> dict[str, float]:
         """One optimizer step on the global batch ``index`` (this process's shard of it)."""
         cfg = self.cfg
@@ -399,19 +432,18 @@ class Trainer:
             else:
                 out = forward_tasks(self.model, x, mode=self.train_forward_mode)
         losses = task_losses(out, y, self.losses)
-        flat = self.grad_sync == "flat"
-        if self.grad_sync in ("hooks", "ddp"):
+        # where the backward averages the loss values, these are this shard's until it does; the
+        # finiteness check waits for the averaged values, so every process raises or none
+        late = self._values_averaged_in_backward
+        if self.world.distributed and not late:
             losses = self._global_losses(losses)
-        # under the flat sync these are this shard's losses until the step's one collective
-        # averages them; the finiteness check waits for it, so every process raises or none
         names = list(losses)
         values = torch.stack([l.detach().reshape(()) for l in losses.values()])
-        if not flat:
+        if not late:
             self._check_losses(names, values)
         if cfg.conflict_every and self.global_step % cfg.conflict_every == 0:
             self._record_conflict(losses)
-        weighted = any(w != 1.0 for w in self.loss_weights.values())
-        if weighted:  # logged values stay unweighted
+        if any(w != 1.0 for w in self.loss_weights.values()):  # logged values stay unweighted
             losses = {t: l * self.loss_weights[t] for t, l in losses.items()}
         if self.grad_transform is not None:
             self.grad_transform.scale = self.loss_scale.scale
@@ -420,37 +452,69 @@ class Trainer:
 
         overflow = False
         try:
-            if self.balancer is None:
-                torch.stack(list(losses.values())).sum().backward()
-                if flat:
-                    values = ddp.average_grads(self.model.parameters(), head=values)
-                    self._check_losses(names, values)
-            else:
-                diag = self.balancer.backward(losses, self.shared, reduce=ddp.average_flat_ if flat else None)
-                if flat:  # the averaged (weighted) losses, in the balancer's task order
-                    names, values = list(self.balancer.tasks), diag.losses.to(values.dtype)
-                    if weighted:
-                        values = values / torch.tensor([self.loss_weights[t] for t in names]).to(values)
+            names, values = self._backward(losses, names, values)
         except balance.NonFiniteError as e:
-            if flat and e.kind == "loss":
-                raise TrainingError(
-                    f"{e} (epoch {self.epoch}, global step {self.global_step}); {self._last_good()}"
-                ) from None
-            if not self.loss_scale.enabled:
+            # a non-finite loss ends the run; a non-finite gradient under fp16 is an overflow
+            if e.kind == "loss" or not self.loss_scale.enabled:
                 raise TrainingError(
                     f"{e} (epoch {self.epoch}, global step {self.global_step}); {self._last_good()}"
                 ) from None
             overflow = True
         if self.loss_scale.enabled and not overflow:
-            overflow = any(
-                p.grad is not None and not bool(torch.isfinite(p.grad).all()) for p in self.model.parameters()
-            )
+            overflow = not grads_finite(self.model.parameters())
         if overflow:  # fp16 overflow: skip this step, retry later with a smaller scale
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.optimizer.step()
         self.loss_scale.update(overflow)
         return dict(zip(names, values.tolist()))
+
+    def _backward(
+        self, losses: dict[str, torch.Tensor], names: list[str], values: torch.Tensor
+    ) -> tuple[list[str], torch.Tensor]:
+        """The step's gradients into ``.grad``, averaged over processes under torchrun; returns the
+        (unweighted) loss values to log: ``values``, or the averaged ones where the backward
+        averaged them (checked first: a non-finite one raises on every process)."""
+        if self.balancer is None:
+            # on DDP its buckets average the gradients during this backward
+            torch.stack(list(losses.values())).sum().backward()
+            if self.grad_sync == "flat":
+                values = ddp.average_grads(self.model.parameters(), head=values)
+                self._check_losses(names, values)
+            return names, values
+        if self._ddp_forward is not None:
+            diag = self._ddp_weighted_backward(losses)
+        else:
+            reduce = ddp.average_flat_ if self.grad_sync == "flat" else None
+            diag = self.balancer.backward(losses, self.shared, reduce=reduce)
+        if not self._values_averaged_in_backward:
+            return names, values
+        # the averaged (weighted) losses, in the balancer's task order
+        names = list(self.balancer.tasks)
+        factors = torch.tensor([self.loss_weights[t] for t in names], dtype=values.dtype)
+        return names, diag.losses.to(values) / factors.to(values.device)
+
+    def _ddp_weighted_backward(self, losses: dict[str, torch.Tensor]) -> balance.Diagnostics:
+        """Loss weighting on DDP: ``w`` from the T loss values averaged over processes (one small
+        all-reduce: every rank computes the weights of the global batch, learned weights move as
+        in one process), then ONE ``.backward()`` of ``L = sum_t w_t l_t`` (``w`` constant), whose
+        gradients DDP's buckets average while it runs.
+
+        The averaged gradient is the same on every rank; a non-finite one undoes the balancer's
+        step (as ``Balancer.backward`` does) and raises :class:`~mtnorm.balance.NonFiniteError`, so
+        every rank stops, or under fp16 skips the step, together.
+        """
+        snapshot = self.balancer.snapshot()
+        objective, diag = self.balancer.weighted_objective(losses, reduce=ddp.average_flat_)
+        objective.backward()
+        if not grads_finite(self.model.parameters()):
+            self.balancer.restore(snapshot)
+            raise balance.NonFiniteError(
+                f"non-finite gradient of the weighted loss sum_t w_t l_t at step {diag.step}; the step "
+                "was not applied (DDP averaged the sum, which cannot tell the task; "
+                "MTNORM_GRAD_SYNC=flat names it)"
+            )
+        return diag
 
     def _record_conflict(self, losses: dict[str, torch.Tensor]) -> None:
         """Per-filter cosines of the task gradients on the shared convolutions, appended to
