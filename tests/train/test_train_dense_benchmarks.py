@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
+import pytest
 import torch
 from train_helpers import toy_config
 
@@ -53,3 +56,37 @@ def test_resnet50_is_dilated_to_stride_8_and_aspp_upsamples_back():
 
 def test_celeba_cnn_gives_a_vector():
     assert CelebACNN(3, (4, 8, 8, 16))(torch.rand(2, 3, 64, 64)).shape == (2, 16)
+
+
+def test_a_transformer_backbone_needs_image_sides_divisible_by_its_stride(tmp_path):
+    from mtnorm.train import ConfigError
+
+    fake_nyuv2(tmp_path / "nyu", n=2, h=24, w=32)
+    cfg = toy_config(
+        tmp_path / "run",
+        method="tssbn",
+        data={"name": "nyuv2", "root": str(tmp_path / "nyu"), "batch_size": 2},
+        model={"backbone": "vit_s"},
+    )
+    with pytest.raises(ConfigError, match=r"vit_s needs images whose sides are multiples of 16; .* 24x32"):
+        Trainer(cfg, log=None)
+
+
+def test_a_transformer_backbone_without_timm_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
+    fake_nyuv2(tmp_path / "nyu", n=2, h=32, w=32)
+    cfg = toy_config(
+        tmp_path / "run",
+        method="tssbn",
+        data={"name": "nyuv2", "root": str(tmp_path / "nyu"), "batch_size": 2},
+        model={"backbone": "swin_t"},
+    )
+    with pytest.raises(ImportError, match="pip install timm"):
+        Trainer(cfg, log=None)
+
+
+def test_an_unknown_backbone_lists_the_choices(tmp_path):
+    from mtnorm.train import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model.backbone: 'vgg' is not one of .*'vit_s', 'swin_t'"):
+        toy_config(tmp_path / "run", model={"backbone": "vgg"})

@@ -132,11 +132,16 @@ def test_batched_forward_mode_trains(tmp_path):
 
 @pytest.mark.parametrize(
     "balancer, forward_mode, expected",
-    [("db_mtl", "auto", "sequential"), ("pcgrad", "auto", "sequential"), ("uw", "auto", "auto"),
-     ("ew", "auto", "auto"), ("db_mtl", "batched", "batched")],
+    [
+        ("db_mtl", "auto", "sequential"),
+        ("pcgrad", "auto", "sequential"),
+        ("uw", "auto", "auto"),
+        ("ew", "auto", "auto"),
+        ("db_mtl", "batched", "batched"),
+    ],
 )
 def test_gradient_balancers_train_on_separate_task_graphs(tmp_path, balancer, forward_mode, expected):
-    """"auto" must not hand a gradient balancer one batched graph: its T backwards would each pay
+    """ "auto" must not hand a gradient balancer one batched graph: its T backwards would each pay
     for the whole batch, where T separate graphs cost one backward in all."""
     cfg = toy_config(tmp_path, balancer=balancer, forward_mode=forward_mode, epochs=1)
     assert Trainer(cfg, log=None).train_forward_mode == expected
@@ -155,3 +160,12 @@ def test_every_balancer_takes_fp16_steps(tmp_path, balancer):
         trainer.train_step(torch.arange(32) + 32 * i)
     assert trainer.loss_scale.skipped == 0
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+
+
+def test_lora_rank_on_a_backbone_without_transformer_linears_names_them(tmp_path):
+    """model.lora_rank wraps the backbone's attention / MLP linears (qkv, proj, fc1, fc2): the toy
+    encoder has none, and the error lists the linears it has (the ViT / Swin case is tested in
+    tests/integrations/test_timm_config.py)."""
+    cfg = toy_config(tmp_path / "run", model={"lora_rank": 4})
+    with pytest.raises(ValueError, match=r"add_lora: no nn.Linear matches targets .* the linears are: 0, 3"):
+        Trainer(cfg, log=None)

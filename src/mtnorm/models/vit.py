@@ -23,9 +23,10 @@ shared adapters, the task σLN and the heads; :func:`mtnorm.param_groups` gives 
 ``layernorm_lr_mult`` (10). For Swin-T without LoRA ("TSσBN" of Table 4, frozen backbone), freeze
 the backbone's non-norm parameters yourself before ``convert`` (the norms and heads stay trainable).
 
-The YAML route: ``model.backbone`` of :mod:`mtnorm.train.config` has no ``vit_s``/``swin_t`` choice
-(yet), and mtnorm ships no PascalContext loader. To train through :class:`mtnorm.train.Trainer`,
-register a benchmark whose ``backbone`` is a factory like ``vit`` above::
+The YAML route: ``model.backbone: vit_s`` or ``swin_t`` on the dense benchmarks (``nyuv2``,
+``cityscapes``) builds these for the data's image size, with ``model.checkpoint`` for the weights
+and ``model.lora_rank`` for the adapters. mtnorm ships no PascalContext loader; for it, register a
+benchmark whose ``backbone`` is a factory like ``vit`` above::
 
     from mtnorm.train.benchmarks import BENCHMARKS, Benchmark
     BENCHMARKS["pascal_context"] = lambda cfg: Benchmark("pascal_context", tasks, specs, load, vit, heads)
@@ -83,6 +84,12 @@ class TimmBackbone(nn.Module):
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0) or 0)
         self.output_fmt = str(getattr(model, "output_fmt", "NCHW"))
 
+    def load_pretrained(self, path: str | Path) -> None:
+        """Load timm weights saved as a local state dict into ``self.model`` (:func:`load_pretrained`:
+        position embeddings resampled to this model's input size); the trainer calls it for
+        ``model.checkpoint``, where a plain ``load_state_dict`` would refuse the resized tables."""
+        load_pretrained(self.model, path)
+
     def _grid(self, x: torch.Tensor, tokens: int) -> tuple[int, int]:
         size = (int(x.shape[-2]), int(x.shape[-1]))
         embed = getattr(self.model, "patch_embed", None)
@@ -106,7 +113,7 @@ class TimmBackbone(nn.Module):
         if y.dim() == 3:  # [B, prefix + N, C]
             if self.features == "tokens":
                 return y
-            patches = y[:, self.num_prefix_tokens:]
+            patches = y[:, self.num_prefix_tokens :]
             h, w = self._grid(x, patches.shape[1])
             return patches.transpose(1, 2).reshape(y.shape[0], y.shape[2], h, w)
         if y.dim() != 4:

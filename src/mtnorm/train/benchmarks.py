@@ -179,15 +179,25 @@ def _toy(cfg: Config) -> Benchmark:
     )
 
 
-def _dense_backbone(cfg: Config) -> tuple[Callable[[str], nn.Module], Callable[[int, bool], nn.Module]]:
+def _dense_backbone(
+    cfg: Config, input_size: Callable[[], tuple[int, int]]
+) -> tuple[Callable[[str], nn.Module], Callable[[int, bool], nn.Module]]:
     """The backbone and head of a dense benchmark, by ``model.backbone``:
 
     * ``segnet`` (``default``): the configurable :class:`SegNet` (``width``, ``levels``, ``max_width``);
     * ``segnet_mtan``: MTAN's SegNet exactly (:class:`MTANSegNet`, 64..512, from scratch), DenseHead on 64;
     * ``resnet50`` / ``resnet18``: DeepLabV3, the dilated ResNet (output stride 8) and an ASPP head on
-      2048 / 512 channels (LibMTL protocol; ``model.checkpoint`` for pretrained weights).
+      2048 / 512 channels (LibMTL protocol; ``model.checkpoint`` for pretrained weights);
+    * ``vit_s`` / ``swin_t`` (timm, an optional extra): ViT-S/16 or Swin-T as a feature map of 384 /
+      768 channels at stride 16 / 32 (:func:`mtnorm.models.vit.timm_backbone`, built for the inputs'
+      size), with an ASPP head that upsamples back (not the MLoRE / MTLoRA decoders of the paper's
+      Tables 3-4). ``model.checkpoint`` takes timm's weights saved as a local state dict (position
+      embeddings resampled to the input size); ``model.lora_rank: 16`` adds shared LoRA adapters and
+      freezes the rest but the norms (the paper's "TSσBN (r=16)").
     """
     m = cfg.model
+    if m.backbone in TIMM_BACKBONES:
+        return _timm_dense(cfg, input_size)
     if m.backbone in ("segnet", "default"):
         return (
             lambda norm: SegNet(3, m.width, m.levels, norm, max_width=m.max_width),
@@ -201,8 +211,38 @@ def _dense_backbone(cfg: Config) -> tuple[Callable[[str], nn.Module], Callable[[
         return lambda norm: ResNet18(3, norm), lambda out, unit: ASPPHead(512, out, normalize=unit)
     raise ConfigError(
         f"model.backbone: {m.backbone!r} is not available for dense tasks; "
-        "use segnet, segnet_mtan, resnet50 or resnet18"
+        f"use segnet, segnet_mtan, resnet50, resnet18 or {' or '.join(TIMM_BACKBONES)}"
     )
+
+
+# model.backbone -> (timm model name, feature channels, output stride)
+TIMM_BACKBONES = {
+    "vit_s": ("vit_small_patch16_224", 384, 16),
+    "swin_t": ("swin_tiny_patch4_window7_224", 768, 32),
+}
+
+
+def _timm_dense(
+    cfg: Config, input_size: Callable[[], tuple[int, int]]
+) -> tuple[Callable[[str], nn.Module], Callable[[int, bool], nn.Module]]:
+    """A timm transformer backbone for a dense benchmark. Its input size is fixed when it is built
+    (ViT's position embeddings, Swin's windows), so it is read from the data: ``input_size()`` gives
+    the images' ``(H, W)`` once the benchmark's ``load`` ran (the trainer loads data first)."""
+    from mtnorm.models.vit import timm_backbone
+
+    name, channels, stride = TIMM_BACKBONES[cfg.model.backbone]
+
+    def backbone(norm: str) -> nn.Module:
+        del norm  # the methods convert the transformer's LayerNorms themselves
+        h, w = input_size()
+        if h % stride or w % stride:
+            raise ConfigError(
+                f"model.backbone: {cfg.model.backbone} needs images whose sides are multiples of "
+                f"{stride}; this benchmark's are {h}x{w}"
+            )
+        return timm_backbone(name, img_size=(h, w))
+
+    return backbone, lambda out, unit: ASPPHead(channels, out, upsample=stride, normalize=unit)
 
 
 def _dense(name: str) -> Callable[[Config], Benchmark]:
@@ -212,11 +252,19 @@ def _dense(name: str) -> Callable[[Config], Benchmark]:
         cls = {"nyuv2": data.NYUv2, "cityscapes": data.Cityscapes}[name]
         specs = cls.task_specs()
         tasks = _select(specs, cfg.data.tasks, tuple(specs))
-        backbone, head = _dense_backbone(cfg)
+        size: list[int] = []  # the images' (H, W), known once the data is loaded
+
+        def input_size() -> tuple[int, int]:
+            if not size:
+                raise RuntimeError(f"the {name} backbone is built from its images' size: load the data first")
+            return size[0], size[1]
+
+        backbone, head = _dense_backbone(cfg, input_size)
 
         def load(cfg: Config) -> tuple[Split, Split]:
             root = _require_root(name, cfg)
             train, test = _open(name, lambda: (cls(root, "train"), cls(root, "test")))
+            size[:] = train[0][0].shape[-2:]
             return as_split(train, tasks), as_split(test, tasks)
 
         return Benchmark(

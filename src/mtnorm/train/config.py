@@ -43,12 +43,14 @@ class DataConfig:
 class ModelConfig:
     """Backbone size; which fields matter depends on the benchmark's backbone."""
 
-    backbone: str = "default"  # the benchmark's own; dense: segnet | segnet_mtan | resnet50 | resnet18
+    # the benchmark's own; dense: segnet | segnet_mtan | resnet50 | resnet18 | vit_s | swin_t (timm)
+    backbone: str = "default"
     width: int = 16
     hidden: int = 128
     levels: int = 3
     max_width: int | None = None
     checkpoint: str | None = None  # user-provided pretrained backbone weights (never downloaded)
+    lora_rank: int | None = None  # shared LoRA adapters on the backbone's linears, the rest frozen
 
 
 @dataclass
@@ -100,7 +102,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "forward_mode": ("auto", "sequential", "batched"),
     "optim.name": ("adam", "adamw", "sgd"),
     "optim.scheduler": ("none", "step", "cosine"),
-    "model.backbone": ("default", "segnet", "segnet_mtan", "resnet50", "resnet18"),
+    "model.backbone": ("default", "segnet", "segnet_mtan", "resnet50", "resnet18", "vit_s", "swin_t"),
 }
 
 
@@ -297,9 +299,7 @@ def validate(cfg: Config) -> None:
     for task, weight in cfg.loss_weights.items():
         ok = isinstance(weight, (int, float)) and not isinstance(weight, bool)
         if not ok or not math.isfinite(weight) or weight < 0:
-            raise ConfigError(
-                f"loss_weights.{task}: expected a finite non-negative number, got {weight!r}"
-            )
+            raise ConfigError(f"loss_weights.{task}: expected a finite non-negative number, got {weight!r}")
         cfg.loss_weights[task] = float(weight)
     if not (cfg.device in ("cpu", "cuda", "mps") or cfg.device.startswith("cuda:")):
         raise ConfigError(f"device: {cfg.device!r} is not one of 'cpu', 'cuda', 'cuda:N', 'mps'")

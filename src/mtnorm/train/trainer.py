@@ -289,8 +289,17 @@ class Trainer:
                 raise ConfigError(
                     f"model.checkpoint: no file at {path} (pretrained weights are user-provided)"
                 )
-            state = torch.load(path, map_location="cpu", weights_only=True)
-            backbone.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+            load = getattr(backbone, "load_pretrained", None)
+            if callable(load):  # e.g. a timm backbone: position embeddings resampled to the input size
+                load(path)
+            else:
+                state = torch.load(path, map_location="cpu", weights_only=True)
+                backbone.load_state_dict(state.get("state_dict", state) if isinstance(state, dict) else state)
+        rank = self.cfg.model.lora_rank
+        if rank is not None:  # after the weights load: the adapters rename the linears they wrap
+            from mtnorm.models.lora import add_lora
+
+            add_lora(backbone, rank)
         return backbone
 
     def _make_optimizer(self) -> torch.optim.Optimizer:
