@@ -97,6 +97,12 @@ def _grid_folder(args: argparse.Namespace, default_parent: str) -> Path:
     return folder
 
 
+NO_REPORT_HELP = (
+    "skip the analysis report of the multi-task runs (the table and summary.json are still written; "
+    "`mtnorm analyze` makes the report later)"
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtnorm", description="Multi-task learning with task-specific normalization."
@@ -119,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="parent of this invocation's new timestamped folder (runs/<benchmark>)"
     )
     run.add_argument("--resume", default=None, metavar="DIR", help=RESUME_HELP)
+    run.add_argument("--no-report", action="store_true", help=NO_REPORT_HELP)
 
     train = sub.add_parser("train", help="train one run from a YAML config")
     train.add_argument("config")
@@ -150,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default=None, help="parent of this invocation's new timestamped folder (<out>-bench)"
     )
     bench.add_argument("--resume", default=None, metavar="DIR", help=RESUME_HELP)
+    bench.add_argument("--no-report", action="store_true", help=NO_REPORT_HELP)
 
     analyze = sub.add_parser("analyze", help="report on trained runs: capacity, relations, specialization")
     analyze.add_argument("runs", nargs="+", help="run folders (or checkpoints) of trained models")
@@ -193,7 +201,7 @@ def _variants(methods: Sequence[str], alphas: Sequence[float] | None) -> list:
     return out
 
 
-def _report(result: Any, base: dict[str, Any], baseline: str, started: float) -> None:
+def _report(result: Any, base: dict[str, Any], baseline: str, started: float, analysis: bool = True) -> None:
     from mtnorm.train.experiment import summarize, write_summary
     from mtnorm.train.report import markdown_table
 
@@ -213,7 +221,7 @@ def _report(result: Any, base: dict[str, Any], baseline: str, started: float) ->
                 )
             )
     runs = [r for group in result.runs.values() for r in group]
-    if any(r["method"] == "tssbn" for r in runs):
+    if analysis and any(r["method"] == "tssbn" for r in runs):
         # what the gates say (paper §5), with every multi-task run beside the TSσBN ones so that
         # gradient conflict and gate distributions compare side by side (STL shares nothing)
         from mtnorm.analysis.report import write_report
@@ -249,7 +257,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{base['epochs']} epochs, balancer {args.balancer}; results go to {out}"
     )
     result = run_grid(base, variants, args.seeds, out, resume=args.resume is not None)
-    _report(result, base, "stl", started)
+    _report(result, base, "stl", started, analysis=not args.no_report)
     return 0
 
 
@@ -301,7 +309,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = _grid_folder(args, f"{cfg.out}-bench")
     print(f"mtnorm bench: results go to {out}")
     result = run_grid(base, variants, args.seeds, out, resume=args.resume is not None)
-    _report(result, base, args.baseline, started)
+    _report(result, base, args.baseline, started, analysis=not args.no_report)
     if args.loss_scales:
         _robustness(base, variants, args, out, result, started)
     return 0

@@ -83,6 +83,16 @@ def test_bench_reports_mean_and_std_over_seeds(tmp_path, capsys):
     assert "tssbn (α=1)" in out and "tssbn (α=100)" in out and " ± " in out
     data = json.loads((only_child(out_dir) / "summary.json").read_text())
     assert data["variants"]["hps"]["seeds"] == [0, 1]
+    assert (only_child(out_dir) / "analysis" / "index.html").is_file()
+
+
+def test_bench_no_report_writes_the_table_but_no_analysis(tmp_path, capsys):
+    out_dir = tmp_path / "bench"
+    argv = ["bench", str(toy_yaml(tmp_path)), "--methods", "stl,tssbn", "--seeds", "1", "--out", str(out_dir)]
+    assert main([*argv, "--no-report"]) == 0
+    assert "analysis of the multi-task runs" not in capsys.readouterr().out
+    grid = only_child(out_dir)
+    assert (grid / "summary.json").is_file() and not (grid / "analysis").exists()
 
 
 @pytest.mark.parametrize(
