@@ -58,31 +58,28 @@ def test_celeba_cnn_gives_a_vector():
     assert CelebACNN(3, (4, 8, 8, 16))(torch.rand(2, 3, 64, 64)).shape == (2, 16)
 
 
-def test_a_transformer_backbone_needs_image_sides_divisible_by_its_stride(tmp_path):
-    from mtnorm.train import ConfigError
-
-    fake_nyuv2(tmp_path / "nyu", n=2, h=24, w=32)
+def _fake_nyuv2_trainer(tmp_path, backbone: str, h: int, w: int) -> Trainer:
+    fake_nyuv2(tmp_path / "nyu", n=2, h=h, w=w)
     cfg = toy_config(
         tmp_path / "run",
         method="tssbn",
         data={"name": "nyuv2", "root": str(tmp_path / "nyu"), "batch_size": 2},
-        model={"backbone": "vit_s"},
+        model={"backbone": backbone},
     )
+    return Trainer(cfg, log=None)
+
+
+def test_a_transformer_backbone_needs_image_sides_divisible_by_its_stride(tmp_path):
+    from mtnorm.train import ConfigError
+
     with pytest.raises(ConfigError, match=r"vit_s needs images whose sides are multiples of 16; .* 24x32"):
-        Trainer(cfg, log=None)
+        _fake_nyuv2_trainer(tmp_path, "vit_s", 24, 32)
 
 
 def test_a_transformer_backbone_without_timm_says_how_to_install_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)  # as if timm were not installed
-    fake_nyuv2(tmp_path / "nyu", n=2, h=32, w=32)
-    cfg = toy_config(
-        tmp_path / "run",
-        method="tssbn",
-        data={"name": "nyuv2", "root": str(tmp_path / "nyu"), "batch_size": 2},
-        model={"backbone": "swin_t"},
-    )
     with pytest.raises(ImportError, match="pip install timm"):
-        Trainer(cfg, log=None)
+        _fake_nyuv2_trainer(tmp_path, "swin_t", 32, 32)
 
 
 def test_an_unknown_backbone_lists_the_choices(tmp_path):
