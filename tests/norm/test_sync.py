@@ -11,7 +11,9 @@ weighted by count. A double backward (the gradient of a gradient penalty) agrees
 forward (an all-gather) and one in backward (an all-reduce) per pass.
 
 Also on 2 processes: float32 data with a large common offset (1e4 + noise), where the naive
-``E[x^2] - mean^2`` loses every digit, still give the one-process variance.
+``E[x^2] - mean^2`` loses every digit, still give the one-process variance; and under autocast
+fp16 with a loss scale of 2**16, TSBN and TSσBN give the native one-process layer's gradients to
+fp16 rounding (issue 12: the backward of a half ``rsqrt(var + eps)`` overflowed).
 """
 
 from __future__ import annotations
@@ -291,6 +293,70 @@ def _offset_worker(rank: int, port: int) -> None:
         dist.destroy_process_group()
 
 
+FP16_SCALE = 2.0**16  # the dynamic loss scale's first value
+FP16_BATCH = 64  # 32 per process, as the toy global batch of tests/train/test_ddp_flat.py
+# x.grad (fp16) to 1e-3 of its largest element + 2e-3 relative: each path rounds its float32
+# result to half once (2**-11 = 4.9e-4 of an element); measured max error 1.7e-4 of the largest.
+# Cast to half before adding its two terms (affine and statistics, which nearly cancel here), the
+# sync layer missed by 1.5e-2 of the largest; in half precision throughout, it was inf.
+FP16_GX = {"rtol": 2e-3, "atol_of_max": 1e-3}
+
+
+def _fp16_data() -> tuple[torch.Tensor, torch.Tensor]:
+    """Half activations ``[64, 16]`` with the spread of the toy model's second norm at step 1
+    (std 0.11: ``rsqrt(var + eps)`` about 9), and the upstream gradient of a loss scaled by 2**16
+    that the normalization mostly cancels: affine in the normalized input, plus 5% noise."""
+    g = torch.Generator().manual_seed(3)
+    x = (0.3 + 0.11 * torch.randn(FP16_BATCH, 16, generator=g)).half()
+    z = (x.float() - x.float().mean(0)) / x.float().std(0)
+    w = (2 * z + 1 + 0.05 * torch.randn(FP16_BATCH, 16, generator=g)) * (FP16_SCALE / FP16_BATCH)
+    return x, w
+
+
+def _fp16_run(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, mode: str):
+    x = x.detach().clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = mtnorm.forward_tasks(layer, x, mode=mode)
+    # through half, as into the next layer's fp16 matmul: both layers get the same fp16 gradient
+    loss = sum((o.half().float() * w).sum() for o in out.values())
+    layer.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in layer.named_parameters()}
+    return {t: o.detach().float() for t, o in out.items()}, x.grad, grads
+
+
+def _fp16_worker(rank: int, port: int) -> None:
+    _init(rank, port)
+    try:
+        x, w = _fp16_data()
+        lo, hi = rank * FP16_BATCH // WORLD, (rank + 1) * FP16_BATCH // WORLD
+        for cls in (mtnorm.TaskBatchNorm, mtnorm.TaskSigmoidBatchNorm):
+            for mode in MODES:
+                tag = f"rank {rank}, {cls.__name__}, mode={mode}"
+                ref = cls(16, TASKS).train()  # one process, native kernels, concatenated batch
+                sync = mtnorm.convert_sync(copy.deepcopy(ref))
+                out, gx, grads = _fp16_run(sync, x[lo:hi], w[lo:hi], mode)
+                ref_out, ref_gx, ref_grads = _fp16_run(ref, x, w, mode)
+                assert gx.dtype == torch.float16 and bool(torch.isfinite(gx).all()), tag
+                for t in TASKS:  # the native output is half: 1 ulp = 4.9e-4 relative
+                    torch.testing.assert_close(out[t], ref_out[t][lo:hi], rtol=1e-3, atol=1e-3, msg=tag)
+                atol = FP16_GX["atol_of_max"] * ref_gx.abs().max().item()
+                torch.testing.assert_close(
+                    gx,
+                    ref_gx[lo:hi],
+                    rtol=FP16_GX["rtol"],
+                    atol=atol,
+                    msg=lambda m, tag=tag: f"{tag}: x.grad: {m}",
+                )
+                for name, grad in grads.items():  # float32 of the same half gradient: 4.2e-7
+                    dist.all_reduce(grad)
+                    atol = 1e-5 * ref_grads[name].abs().max().item()
+                    torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=atol, msg=tag)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -305,6 +371,14 @@ def test_sync_matches_one_process_on_concatenated_batch():
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 def test_unequal_shards_with_large_offset_match_one_process_variance():
     mp.spawn(_offset_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_fp16_loss_scaled_backward_matches_one_process():
+    """Under CPU autocast fp16 with a gradient scaled by 2**16 (issue 12), a synchronized TSBN or
+    TSσBN on 2 processes gives the input and parameter gradients of the native layer on the
+    concatenated batch: finite, and to fp16 rounding."""
+    mp.spawn(_fp16_worker, args=(_free_port(),), nprocs=WORLD, join=True)
 
 
 @pytest.mark.parametrize("norm,kwargs", CASES)

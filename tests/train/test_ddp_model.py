@@ -11,8 +11,10 @@
   ``c10d::allreduce_`` ops inside ``train_step``, which also see what DDP's C++ reducer issues
   without Python (its buckets, and with ``find_unused_parameters`` the used-parameter bitmap).
   The task-norm statistics' all-reduces (``norm/sync.py``, activations) are left out.
-* fp16 loss scaling on DDP: the ranks agree bit for bit and match the flat path (loss scale,
-  skipped steps, parameters, balancer state: a skipped step undoes DWA's step as on flat).
+* fp16 loss scaling on DDP, from the first scale 2**19 (step 1 overflows): the ranks agree bit for
+  bit and match the flat path (loss scale, skipped steps, parameters, balancer state: a skipped
+  step undoes DWA's step as on flat), and one process on the global batch (same loss scale and
+  skipped steps; parameters and balancer state to fp16's tolerance, test_ddp_flat.py).
 * A NaN loss, or a non-finite gradient (UW), on rank 1 alone stops both ranks at the same step.
 * Learning to Branch declares unused parameters (its frozen tree leaves nodes and logits out of
   the graph): DDP runs with ``find_unused_parameters`` through the freeze after epoch 1 and
@@ -32,7 +34,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_ddp_flat import _config, _count_all_reduce, _free_port, _join  # noqa: E402
+from test_ddp_flat import FP16_START, _config, _count_all_reduce, _free_port, _join, assert_close_fp16  # noqa: E402
 from train_helpers import toy_config  # noqa: E402
 
 pytestmark = pytest.mark.distributed
@@ -114,11 +116,13 @@ def _count_steps(trainer, calls: list[str]) -> list[dict]:
     return steps
 
 
-def _train(path: Path, cfg, calls: list[str]) -> dict:
+def _train(path: Path, cfg, calls: list[str], start_scale: float | None = None) -> dict:
     from mtnorm.train import Trainer
 
     marks: list[int] = []
     trainer = Trainer(cfg, callbacks=[lambda _t: marks.append(len(calls))], log=None)
+    if start_scale is not None:
+        trainer.loss_scale.scale = start_scale
     steps = _count_steps(trainer, calls)
     trainer.fit()
     ddp = trainer._ddp_forward
@@ -180,7 +184,8 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             os.environ.pop("MTNORM_GRAD_SYNC", None)
             if sync is not None:
                 os.environ["MTNORM_GRAD_SYNC"] = sync
-            _train(out_dir / f"{label}-rank{rank}.pt", cfg, calls)
+            start = FP16_START["fp16-x8"] if label.startswith("fp16") else None  # the skip path
+            _train(out_dir / f"{label}-rank{rank}.pt", cfg, calls, start)
         os.environ.pop("MTNORM_GRAD_SYNC", None)
         nan = {(kind, b): _nan_run(out_dir, rank, kind, b) for kind, b in NAN}
         torch.save(nan, out_dir / f"nan-rank{rank}.pt")
@@ -264,8 +269,9 @@ def test_ddp_keeps_fp16_loss_scaling(spawned, method, balancer):
     """fp16 with the dynamic loss scale on DDP: the parameter hooks unscale each gradient before
     DDP's reducer copies it into its bucket; an overflow (non-finite averaged gradients, the same
     on every rank) skips the step on all ranks and undoes the balancer's step. Same loss scale,
-    skipped steps, parameters and balancer state as the flat path. (Both overflow at the first
-    step's scale 2**16 on 2 ranks; see test_ddp_flat.py.)"""
+    skipped steps, parameters and balancer state as the flat path, and as one process."""
+    from mtnorm.train import Trainer
+
     ranks = _ranks(spawned, f"fp16-auto-{method}-{balancer}")
     flat = _ranks(spawned, f"fp16-flat-{method}-{balancer}")[0]
     assert ranks[0]["sync"] == "ddp" and flat["sync"] == "flat"
@@ -277,6 +283,33 @@ def test_ddp_keeps_fp16_loss_scaling(spawned, method, balancer):
     if flat["balancer"] is not None:
         _assert_same(ranks[1]["balancer"], ranks[0]["balancer"], "ranks differ", exact=True)
         _assert_same(ranks[0]["balancer"], flat["balancer"], f"fp16 {balancer} balancer")
+    single = Trainer(_config(spawned / "single" / f"fp16-{balancer}", method, balancer, "fp16"), log=None)
+    single.loss_scale.scale = FP16_START["fp16-x8"]
+    single.fit()
+    assert ranks[0]["scale"] == (single.loss_scale.scale, single.loss_scale.skipped)
+    for name, value in single.model.state_dict().items():
+        if value.is_floating_point():
+            assert_close_fp16(ranks[0]["state"][name], value, f"fp16 {balancer} {name}")
+        else:
+            assert torch.equal(ranks[0]["state"][name], value), name
+    if single.balancer is not None:
+        _assert_close_fp16_nested(
+            ranks[0]["balancer"], single.balancer.state_dict(), f"fp16 {balancer} balancer"
+        )
+
+
+def _assert_close_fp16_nested(got, want, what: str) -> None:  # noqa: ANN001
+    """``assert_close_fp16`` on the float tensors of a (nested) state dict, equality elsewhere."""
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), what
+        for name, value in want.items():
+            _assert_close_fp16_nested(got[name], value, f"{what} {name}")
+    elif isinstance(want, torch.Tensor) and want.is_floating_point():
+        assert_close_fp16(got, want, what)
+    elif isinstance(want, torch.Tensor):
+        assert torch.equal(got, want), what
+    else:
+        assert got == want, what
 
 
 @pytest.mark.parametrize(("kind", "balancer"), NAN)

@@ -118,8 +118,17 @@ class _SyncStats:
 
     As in ``nn.SyncBatchNorm``, statistics are synchronized only in training mode: in eval mode
     (with ``track_running_stats=False``) each process normalizes with its local batch, so an
-    evaluation that runs on one rank only cannot hang. Moments are computed and combined in at
-    least float32 (and the per-process counts with them), then cast back to the input's dtype.
+    evaluation that runs on one rank only cannot hang.
+
+    A synchronizing layer computes in at least float32 (moments, their combination, counts, and
+    the normalization itself) on a half input cast up once, as the native batch-norm kernel of
+    the local path does internally (its mean and inverse deviation are float32; its input gradient
+    is rounded to half once). Left in half under fp16 loss scaling, the normalization's backward
+    overflows and loses digits where the native one does not (issue 12; toy benchmark, step 1,
+    scale 2**16): the backward of ``rsqrt(var + eps)`` in fp16 is ``0.5 * 277 * 9**3 = 1.0e5 >
+    65504``, inf on one rank, so both ranks skip a step one process takes; and the input gradient
+    is the fp16 sum of two separately rounded, nearly cancelling terms (the affine's and the
+    statistics'), off by 1.5e-2 of its largest element in tests/norm/test_sync.py (now 1.7e-4).
     """
 
     _native_single_task = False
@@ -127,14 +136,24 @@ class _SyncStats:
     _local_batch_stats = False
     process_group: Any = None
 
+    def _synchronizes(self) -> bool:
+        """Whether this pass pools statistics over processes (else the layer is its local one)."""
+        return (
+            self.training  # type: ignore[attr-defined]
+            and dist.is_available()
+            and dist.is_initialized()
+            and dist.get_world_size(self.process_group) > 1
+        )
+
+    def _forward_chunks(self, x: torch.Tensor, route: int) -> torch.Tensor:
+        if self._synchronizes():  # half inputs up to float32 once: see the class docstring
+            x = x.to(torch.promote_types(x.dtype, torch.float32))
+        return super()._forward_chunks(x, route)  # type: ignore[misc]
+
     def _batch_moments(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Moments of ``xs = [K, B, C, L]`` over every process: one all-gather (see the module)."""
         group = self.process_group
-        if (
-            not self.training  # type: ignore[attr-defined]
-            or not (dist.is_available() and dist.is_initialized())
-            or dist.get_world_size(group) == 1
-        ):
+        if not self._synchronizes():
             return super()._batch_moments(xs)  # type: ignore[misc]
         acc = torch.promote_types(xs.dtype, torch.float32)
         packs = _AllGather.apply(_local_pack(xs, acc), group)
