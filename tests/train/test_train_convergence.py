@@ -15,7 +15,7 @@ from mtnorm.train.convergence import (
     scores,
     summarize_epochs,
 )
-from mtnorm.train.experiment import Variant, load_grid, run_grid, summarize, write_summary
+from mtnorm.train.experiment import Variant, load_grid, load_records, run_grid, summarize, write_summary
 
 
 def write_evals(folder, rows):
@@ -100,3 +100,14 @@ def test_bench_summary_has_the_epochs_column_and_json(tmp_path):
     write_summary(result, table, data, base)
     again, _ = summarize(load_grid(tmp_path / "grid"))
     assert again == table
+    # the same table from the runs' own records, and from a part of them gathered elsewhere
+    assert summarize(load_records(tmp_path / "grid", order=["stl", "hps"]))[0] == table
+    assert list(load_records(tmp_path / "grid").runs) == ["hps", "stl"]  # no order: alphabetical
+    for run in ("stl-seed1", "hps-seed0"):
+        (tmp_path / "part" / run).mkdir(parents=True)
+        record = (tmp_path / "grid" / run / "record.json").read_bytes()
+        (tmp_path / "part" / run / "record.json").write_bytes(record)
+    part = load_records(tmp_path / "part")
+    assert {k: [r["seed"] for r in v] for k, v in part.runs.items()} == {"stl": [1], "hps": [0]}
+    with pytest.raises(FileNotFoundError, match="no finished runs"):
+        load_records(tmp_path / "unused")

@@ -234,6 +234,26 @@ def load_grid(folder: str | Path, lower_is_better: Sequence[str] | None = None) 
     )
 
 
+def load_records(folder: str | Path, order: Sequence[str] = ()) -> GridResult:
+    """The :class:`GridResult` of the finished runs under ``folder`` (every ``*/record.json``), e.g.
+    of a grid still running or stopped midway, or of runs gathered from several grids.
+
+    Rows follow ``order`` (variant labels, e.g. the ``--methods`` of the grid), then the remaining
+    labels alphabetically; each row's runs are ordered by seed.
+    """
+    folder = Path(folder)
+    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*/record.json"))]
+    if not records:
+        raise FileNotFoundError(f"no finished runs (*/record.json) under {folder}")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for record in sorted(records, key=lambda r: r["seed"]):
+        groups.setdefault(Variant(record["method"], record.get("alpha")).label, []).append(record)
+    rank = {label: i for i, label in enumerate(order)}
+    labels = sorted(groups, key=lambda label: (rank.get(label, len(rank)), label))
+    lower = {name for r in records for name in r.get("lower_is_better", [])}
+    return GridResult(runs={label: groups[label] for label in labels}, out=folder, lower_is_better=lower)
+
+
 def base_from_config(cfg: Config) -> dict[str, Any]:
     """A config as the base dict of a grid (method/seed/out are set per run)."""
     return to_dict(cfg)
