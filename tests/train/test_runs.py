@@ -281,8 +281,11 @@ def test_sigterm_to_the_cli_saves_and_exits_143(tmp_path):
     path = toy_yaml(tmp_path, epochs=400, log_every=1, data=data)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[2] / "src")}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mtnorm", "train", str(path)], env=env, stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "mtnorm", "train", str(path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     log = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 60
@@ -332,3 +335,43 @@ def test_bench_resume_names_a_missing_grid_folder(tmp_path, capsys):
     path = toy_yaml(tmp_path)
     assert main(["bench", str(path), "--seeds", "1", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "no grid folder at" in capsys.readouterr().err
+
+
+def _signal_in_the_last_evaluation(monkeypatch, sig: int, trainers: list) -> None:
+    """Make the first trainer's final evaluation receive ``sig``, after its last step."""
+    evaluate = Trainer.evaluate
+
+    def evaluate_then_signal(self):
+        out = evaluate(self)
+        if self.epoch == self.cfg.epochs and not trainers:
+            trainers.append(self)
+            os.kill(os.getpid(), sig)
+        return out
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_then_signal)
+
+
+def test_a_signal_after_the_last_step_finishes_the_run_and_reports_it(tmp_path, monkeypatch):
+    logs: list[str] = []
+    _signal_in_the_last_evaluation(monkeypatch, signal.SIGTERM, [])
+    result = Trainer(toy_config(tmp_path / "run"), log=logs.append).fit()
+    assert result.status == "finished" and result.signal == signal.SIGTERM and result.metrics
+    assert any("SIGTERM received after the last step; the run finished" in line for line in logs)
+
+
+def test_a_signal_in_a_grid_runs_final_save_stops_the_grid_after_that_run(tmp_path, monkeypatch):
+    """Ctrl-C while one run of a bench grid writes its last checkpoint: that run is complete and
+    recorded, the grid stops there, and --resume continues with the next run."""
+    from mtnorm.train.config import to_dict
+    from mtnorm.train.experiment import Variant, run_grid
+
+    trainers: list = []
+    _signal_in_the_last_evaluation(monkeypatch, signal.SIGINT, trainers)
+    base = to_dict(toy_config(tmp_path / "unused", epochs=1))
+    variants = [Variant("hps"), Variant("tssbn")]
+    with pytest.raises(KeyboardInterrupt):
+        run_grid(base, variants, [0], tmp_path / "grid", log=lambda _m: None)
+    assert (tmp_path / "grid" / "hps-seed0" / "record.json").is_file()
+    assert not (tmp_path / "grid" / "tssbn-seed0").exists()
+    result = run_grid(base, variants, [0], tmp_path / "grid", resume=True, log=lambda _m: None)
+    assert list(result.runs) == ["hps", "tssbn"]

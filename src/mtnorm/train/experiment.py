@@ -135,6 +135,8 @@ def run_grid(
             result.runs.setdefault(variant.label, []).append(record)
             summary = ", ".join(f"{t}/{k}={v:.4f}" for t, m in run.metrics.items() for k, v in m.items())
             log(f"  {variant.label} seed {seed}: {summary} ({run.seconds:.0f}s)")
+            if run.signal is not None:  # asked to stop during the run's final save: keep it, stop here
+                raise KeyboardInterrupt
     result.seconds = time.perf_counter() - start
     return result
 

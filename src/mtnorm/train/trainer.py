@@ -62,7 +62,9 @@ class RunResult:
     seconds: float = 0.0
     out: Path = Path(".")
     checkpoint: Path | None = None
-    signal: int | None = None  # the signal that interrupted the run (SIGINT, SIGTERM), if any
+    # the stop signal (SIGINT, SIGTERM) received during the run, if any; with status "finished" it
+    # came after the last step (final evaluation or save), which then completed
+    signal: int | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -655,8 +657,14 @@ class Trainer:
                     f"interrupted ({signal.Signals(self._stop.signum).name}) at epoch {self.epoch} batch "
                     f"{self.step_in_epoch}; checkpoint saved to {path}; continue with --resume"
                 )
-            elif not self.last_metrics:
-                self.last_metrics = self.evaluate()
+            else:
+                if not self.last_metrics:
+                    self.last_metrics = self.evaluate()
+                if self._stop.signum is not None:
+                    self._log(
+                        f"{signal.Signals(self._stop.signum).name} received after the last step; the run "
+                        f"finished and its checkpoint {path} is complete"
+                    )
         finally:
             if self.logger is not None:
                 self.logger.close()
@@ -669,7 +677,7 @@ class Trainer:
             time.perf_counter() - start,
             self.out,
             path,
-            self._stop.signum if status == "interrupted" else None,
+            self._stop.signum,
         )
 
     def _stop_requested(self) -> bool:
