@@ -213,6 +213,11 @@ def test_dense_backbones_by_name(segnet):
     assert isinstance(net, ResNet18) and net.output_stride == 8
     aspp = head(7, False)
     assert isinstance(aspp, ASPPHead) and aspp.branches[0][0].in_channels == 512
+    # the transformers (built by timm, in the integration venv) get an ASPP head upsampling back
+    for backbone, channels, stride in (("vit_s", 384, 16), ("swin_t", 768, 32)):
+        _, head = _dense_backbone(_cfg("nyuv2", backbone), lambda: (64, 96))
+        aspp = head(13, False)
+        assert aspp.branches[0][0].in_channels == channels and aspp.upsample == stride
     with pytest.raises(ConfigError, match="not one of"):
         _cfg("nyuv2", "vgg16")
 

@@ -179,8 +179,12 @@ def _toy(cfg: Config) -> Benchmark:
     )
 
 
+def _unknown_size() -> tuple[int, int]:
+    raise RuntimeError("this backbone is built for its images' size: give the benchmark's input_size")
+
+
 def _dense_backbone(
-    cfg: Config, input_size: Callable[[], tuple[int, int]]
+    cfg: Config, input_size: Callable[[], tuple[int, int]] = _unknown_size
 ) -> tuple[Callable[[str], nn.Module], Callable[[int, bool], nn.Module]]:
     """The backbone and head of a dense benchmark, by ``model.backbone``:
 
