@@ -339,6 +339,22 @@ def test_columns_and_stitches_are_shared_and_count_t_backbones():
     assert mtnorm.models.count_parameters(model) == len(TASKS) * backbone + stitches + heads
 
 
+def test_stitch_lr_mult_puts_the_units_in_their_own_learning_rate_group():
+    plain = mtnorm.param_groups(build("cross_stitch", "lenet"), lr=0.01, weight_decay=1e-4)
+    assert [g["name"] for g in plain] == ["other_norm", "rest"]
+    model = build("cross_stitch", "lenet", stitch_lr_mult=1000)
+    groups = {g["name"]: g for g in mtnorm.param_groups(model, lr=0.01, weight_decay=1e-4)}
+    assert set(groups) == {"other_norm", "rest", "lr_x1000"}
+    units = groups["lr_x1000"]
+    assert {id(p) for p in units["params"]} == {id(p) for p in model.stitches}
+    assert units["lr"] == pytest.approx(10.0) and units["weight_decay"] == 0.0
+    assert all(id(p) not in {id(q) for q in model.stitches} for p in groups["rest"]["params"])
+    # the state dict is the default model's: checkpoints of either load into the other
+    assert list(model.state_dict()) == list(build("cross_stitch", "lenet").state_dict())
+    with pytest.raises(ValueError, match="stitch_lr_mult must be a positive number, got 0"):
+        build("cross_stitch", "lenet", stitch_lr_mult=0)
+
+
 def test_sigma_conversion_routes_every_column():
     model = build("cross_stitch", "segnet", norm="sigma")
     for column in model.columns:

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from mtnorm.norm.routing import BATCHED, TaskRouted, validate_tasks
@@ -51,6 +52,15 @@ class Architecture(nn.Module):
     """
 
     mtnorm_batched = False
+
+    def task_penalties(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{task: scalar}`` terms the trainer adds to those tasks' training losses on batch ``x``.
+
+        A penalty belongs to the task whose modules it regularizes (DSelect-k: the entropy of task
+        t's gate), so it is part of ``l_t`` before any balancer sees it: equal weighting minimizes
+        ``sum_t (l_t + p_t)``; a balancer weighs ``p_t`` with ``l_t``. None by default.
+        """
+        return {}
 
 
 def active_tasks(routed: TaskRouted) -> tuple[str, ...]:

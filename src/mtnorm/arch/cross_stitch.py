@@ -18,6 +18,7 @@ from mtnorm.arch.base import (
 from mtnorm.arch.stages import channels, stage_shapes, stages_of
 from mtnorm.models.methods import BackboneFactory, register_method
 from mtnorm.norm import PerTask, TaskHeads, validate_tasks
+from mtnorm.norm.optim import LR_MULT
 
 
 # ---------------------------------------------------------------- cross-stitch
@@ -53,7 +54,9 @@ class CrossStitch(Architecture):
       through the units), so a gradient balancer gives them the combined direction; heads are per
       task (:class:`~mtnorm.TaskHeads`);
     * each column keeps its own stage carry (SegNet's pooling indices are the column's own);
-    * the paper's larger learning rate for ``α`` is not applied (``α`` is in the ``"rest"`` group);
+    * ``α``'s learning rate is ``lr * stitch_lr_mult``: Misra et al. train the units with a larger
+      learning rate than the columns (their ablation scales it by powers of ten); the default 1 keeps
+      them in the ``"rest"`` group, the setting of the measured tables;
     * only ``active_tasks`` are produced: inside ``use_task(model, t)`` all columns still run (task
       t's column depends on all of them), but the last unit computes row t only and one head runs.
 
@@ -62,6 +65,7 @@ class CrossStitch(Architecture):
         heads: ``{task: head}``; the order of the columns follows the order of the heads.
         shapes: the stage output shapes of one column (:func:`~mtnorm.arch.stage_shapes`).
         self_weight: the initial diagonal of every ``α_k``.
+        stitch_lr_mult: the units' learning-rate multiplier (:func:`mtnorm.param_groups`).
     """
 
     def __init__(
@@ -70,6 +74,7 @@ class CrossStitch(Architecture):
         heads: Mapping[str, nn.Module],
         shapes: Sequence[Sequence[int]],
         self_weight: float = 0.9,
+        stitch_lr_mult: float = 1.0,
     ) -> None:
         super().__init__()
         tasks = validate_tasks(list(heads))
@@ -85,6 +90,11 @@ class CrossStitch(Architecture):
         self.stitches = nn.ParameterList(
             nn.Parameter(stitch_init(len(tasks), channels(s), self_weight)) for s in shapes
         )
+        mult = stitch_lr_mult
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not mult > 0:
+            raise ValueError(f"cross_stitch: stitch_lr_mult must be a positive number, got {mult!r}")
+        if stitch_lr_mult != 1:
+            setattr(self.stitches, LR_MULT, float(stitch_lr_mult))
 
     def stitch(self, k: int, outputs: Sequence[torch.Tensor], rows: Sequence[int] | None = None) -> list:
         """``x̃_t = Σ_s α_k[t, s, c] x_s`` for the rows ``t`` in ``rows`` (all when None)."""
@@ -120,7 +130,8 @@ def build_cross_stitch(
     example_input: torch.Tensor,
     **options: Any,
 ) -> CrossStitch:
-    """Options: ``self_weight`` (0.9), ``norm`` (None: plain BatchNorm in every column; ``"bn"`` /
+    """Options: ``self_weight`` (0.9), ``stitch_lr_mult`` (1: the units learn at the base rate),
+    ``norm`` (None: plain BatchNorm in every column; ``"bn"`` /
     ``"sigma"`` / ...: every column's norms converted by :func:`mtnorm.convert`).
 
     Conversion of cross-stitch: the columns are shared (all tasks' outputs read every column), so
@@ -128,10 +139,12 @@ def build_cross_stitch(
     columns with task t's statistics and affine parameters (TSσBN: gates), while the convolutions and
     stitch units stay shared; the model runs as T task passes (:func:`mtnorm.forward_tasks`).
     """
-    o = check_options("cross_stitch", options, {"self_weight": 0.9, "norm": None})
+    o = check_options("cross_stitch", options, {"self_weight": 0.9, "stitch_lr_mult": 1.0, "norm": None})
     heads = check_heads(tasks, heads)
     tasks = tuple(heads)
     columns = [backbone_factory("bn") for _ in tasks]
     shapes = stage_shapes(columns[0], example_input)
     columns = [convert_shared(c, tasks, o["norm"]) for c in columns]
-    return CrossStitch(columns, heads, shapes, self_weight=o["self_weight"])
+    return CrossStitch(
+        columns, heads, shapes, self_weight=o["self_weight"], stitch_lr_mult=o["stitch_lr_mult"]
+    )

@@ -73,7 +73,7 @@ class DSelectKGate(nn.Module):
 
     ``E`` not a power of 2: codes ``c >= E`` stand for no expert. The authors' implementation keeps
     them and adds a penalty to the loss that grows with the selectors' mass on them (as recalled
-    here, ``mean(1 / sum_{c<E} r_c)``); the trainer adds no model penalties, so here code
+    here, ``mean(1 / sum_{c<E} r_c)``); here code
     ``c >= E`` is folded onto expert ``c - 2^(m-1)`` (:func:`fold_codes`): the gate stays a
     distribution over existing experts without any extra loss, and a binary selector still picks
     exactly one expert. (The folded experts start with twice the others' prior weight.)
@@ -131,20 +131,31 @@ class DSelectK(MixtureOfExperts):
     mixes half of the experts once converged; ``gamma=1`` (the smooth step's width; larger gamma
     keeps the selectors soft longer). ``norm`` as for MMoE.
 
-    Entropy regularization: ``regularization(x) = entropy_reg * sum_t gate_t.entropy(phi(x))``.
-    The trainer does **not** add it to the loss (it has no model penalty hook), so with the
-    default ``entropy_reg=0`` the selectors become sparse only where the task losses drive the
-    smooth steps to their flat ends; a custom loop adds ``model.regularization(x)`` to the summed
-    task losses. It recomputes the gates (cheap: they read ``phi(x)``, not the experts) rather than
-    keeping tensors of the last forward on the module.
+    Entropy regularization (the paper's, on every task's gate): with ``entropy_reg = lambda > 0``,
+    :meth:`task_penalties` gives ``p_t(x) = lambda * H_t(x)`` (``H_t`` = :meth:`DSelectKGate.entropy`
+    of task t's gate) and the trainer adds ``p_t`` to task t's training loss, so equal weighting
+    minimizes ``sum_t (l_t + lambda H_t)``, the paper's objective. ``p_t`` reaches only gate t's
+    parameters (``phi`` has none). The default ``entropy_reg=0`` adds nothing: the selectors then
+    become sparse only where the task losses drive the smooth steps to their flat ends. The
+    penalties recompute the gates from ``phi(x)`` (cheap: no expert runs) rather than keep tensors
+    of the last forward on the module. :meth:`regularization` is their sum, for custom loops.
     """
 
     entropy_reg: float = 0.0
 
-    def regularization(self, x: torch.Tensor) -> torch.Tensor:
-        """``entropy_reg * sum_t H_t(x)`` over every task's gate (see the class docstring)."""
+    def task_penalties(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``{t: entropy_reg * H_t(x)}`` for every task; empty when ``entropy_reg`` is 0."""
+        if self.entropy_reg == 0:
+            return {}
         phi = self.features(x)
-        return self.entropy_reg * sum(self.gates[t].entropy(phi) for t in self.tasks)
+        return {t: self.entropy_reg * self.gates[t].entropy(phi) for t in self.tasks}
+
+    def regularization(self, x: torch.Tensor) -> torch.Tensor:
+        """``entropy_reg * sum_t H_t(x)``: the sum of :meth:`task_penalties` (0 when there are none)."""
+        penalties = self.task_penalties(x)
+        if not penalties:
+            return x.new_zeros(())
+        return torch.stack(list(penalties.values())).sum()
 
 
 @register_method(

@@ -12,6 +12,10 @@ from mtnorm.norm.routing import TaskRouted
 
 _NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
 
+#: A module attribute: the learning-rate multiplier :func:`param_groups` gives the parameters the
+#: module owns directly (not its children's).
+LR_MULT = "mtnorm_lr_mult"
+
 
 def _owners(model: nn.Module) -> dict[int, nn.Module]:
     """Map each parameter (by id) to the innermost module that owns it directly."""
@@ -54,6 +58,8 @@ def param_groups(
       mixture, AdaIN-BN's gate) at ``lr * norm_lr_mult`` (α_σBN = 100 in the paper);
     * ``"layernorm"``: parameters of task-specific layer norms at ``lr * layernorm_lr_mult`` (10);
     * ``"other_norm"``: parameters of plain (shared) norm layers at ``lr``;
+    * ``"lr_x<m>"``: parameters of a module that declares ``mtnorm_lr_mult = m`` (``m != 1``; e.g.
+      Cross-Stitch's units with ``stitch_lr_mult``) at ``lr * m``, without weight decay;
     * ``"rest"``: everything else (convolutions, linears, heads) at ``lr`` with ``weight_decay``.
 
     Norm parameters get no weight decay. Frozen parameters and empty groups are left out. Each
@@ -73,7 +79,13 @@ def param_groups(
         if not p.requires_grad:
             continue
         module = owner[id(p)]
-        if isinstance(module, TaskNorm):
+        mult = float(getattr(module, LR_MULT, 1.0))
+        if mult != 1.0:
+            key = f"lr_x{mult:g}"
+            if key not in groups:
+                groups[key] = {"lr": lr * mult, "weight_decay": 0.0}
+                members[key] = []
+        elif isinstance(module, TaskNorm):
             key = "layernorm" if module.family == "layer" else "norm"
         elif isinstance(module, _NORM_TYPES) or is_norm(module):
             key = "other_norm"

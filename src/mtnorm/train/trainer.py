@@ -454,6 +454,7 @@ class Trainer:
             self._check_losses(names, values)
         if cfg.conflict_every and self.global_step % cfg.conflict_every == 0:
             self._record_conflict(losses)
+        losses = self._add_task_penalties(losses, x)
         if any(w != 1.0 for w in self.loss_weights.values()):  # logged values stay unweighted
             losses = {t: l * self.loss_weights[t] for t, l in losses.items()}
         if self.grad_transform is not None:
@@ -479,6 +480,21 @@ class Trainer:
             self.optimizer.step()
         self.loss_scale.update(overflow)
         return dict(zip(names, values.tolist()))
+
+    def _add_task_penalties(
+        self, losses: dict[str, torch.Tensor], x: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """``l_t + p_t`` for the model's task penalties (``model.task_penalties(x)``, e.g. DSelect-k's
+        gate entropy): part of the task's loss for every balancer, absent from the logged values
+        (on the paths that average the values during the backward, the logged value includes it)."""
+        hook = getattr(self.model, "task_penalties", None)
+        penalties = hook(x) if callable(hook) else {}
+        unknown = set(penalties) - set(losses)
+        if unknown:
+            raise ValueError(
+                f"model.task_penalties returned unknown tasks {sorted(unknown)}; the tasks are {list(losses)}"
+            )
+        return {t: l + penalties[t].to(l.dtype) if t in penalties else l for t, l in losses.items()}
 
     def _backward(
         self, losses: dict[str, torch.Tensor], names: list[str], values: torch.Tensor
