@@ -1,4 +1,5 @@
-"""The ``mtnorm`` command: ``run``, ``train``, ``eval``, ``bench``, ``analyze``, ``profile``, ``methods``.
+"""The ``mtnorm`` command: ``run``, ``train``, ``eval``, ``bench``, ``table``, ``analyze``, ``profile``,
+``methods``.
 
 Every user error (bad config key, missing data, unknown method or balancer) ends in a one-line
 ``mtnorm: error: ...`` on stderr and a non-zero exit status, never a traceback.
@@ -158,6 +159,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--resume", default=None, metavar="DIR", help=RESUME_HELP)
     bench.add_argument("--no-report", action="store_true", help=NO_REPORT_HELP)
+
+    table = sub.add_parser(
+        "table", help="the summary table of finished runs gathered from one or more grid folders"
+    )
+    table.add_argument("folders", nargs="+", help="grid folders (each holds <run>/record.json)")
+    table.add_argument("--baseline", default="stl", help="the row Δm%% is relative to (default stl)")
+    table.add_argument("--methods", type=_csv, default=None, help="rows to show, in this order (default all)")
+    table.add_argument(
+        "--metrics", type=_csv, default=None, help="task/metric columns to show (Δm%% uses every metric)"
+    )
+    table.add_argument(
+        "--baseline-seeds", type=_seeds, default=None, help="only these seeds of the baseline (sensitivity)"
+    )
 
     analyze = sub.add_parser("analyze", help="report on trained runs: capacity, relations, specialization")
     analyze.add_argument("runs", nargs="+", help="run folders (or checkpoints) of trained models")
@@ -387,6 +401,33 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_table(args: argparse.Namespace) -> int:
+    from mtnorm.train.experiment import load_records, summarize
+
+    result = load_records(args.folders, order=args.methods or ())
+    if args.methods:
+        missing = [m for m in args.methods if m not in result.runs]
+        if missing:
+            raise CLIError(f"--methods: no finished runs of {missing}; the folders hold {list(result.runs)}")
+        result.runs = {m: result.runs[m] for m in args.methods}
+    base = args.baseline
+    if args.baseline_seeds is not None:
+        if base not in result.runs:
+            raise CLIError(f"--baseline-seeds: no {base!r} runs; the folders hold {list(result.runs)}")
+        kept = [r for r in result.runs[base] if r["seed"] in args.baseline_seeds]
+        if not kept:
+            have = [r["seed"] for r in result.runs[base]]
+            raise CLIError(f"--baseline-seeds: {base} has seeds {have}, none of {args.baseline_seeds}")
+        result.runs[base] = kept
+    seed_sets = {tuple(r["seed"] for r in runs) for runs in result.runs.values()}
+    try:
+        table, _ = summarize(result, base, columns=args.metrics, seeds_column=len(seed_sets) > 1)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    print(table)
+    return 0
+
+
 def cmd_methods(args: argparse.Namespace) -> int:
     from mtnorm import balance
     from mtnorm.models import available_methods
@@ -404,6 +445,7 @@ COMMANDS = {
     "bench": cmd_bench,
     "analyze": cmd_analyze,
     "profile": cmd_profile,
+    "table": cmd_table,
     "methods": cmd_methods,
 }
 

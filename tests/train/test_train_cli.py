@@ -146,3 +146,24 @@ def test_methods_lists_methods_and_balancers(capsys):
     assert main(["methods"]) == 0
     out = capsys.readouterr().out
     assert "tssbn" in out and "balancers:" in out and "db_mtl" in out
+
+
+def test_table_gathers_grids_picks_rows_columns_and_baseline_seeds(tmp_path, capsys):
+    folders = []
+    for seed in ("0", "1"):
+        out = tmp_path / f"grid{seed}"
+        argv = ["bench", str(toy_yaml(tmp_path)), "--methods", "stl,hps", "--seeds", f"{seed},"]
+        assert main([*argv, "--out", str(out), "--no-report"]) == 0
+        folders.append(str(only_child(out)))
+    capsys.readouterr()
+    assert main(["table", *folders, "--methods", "hps,stl", "--metrics", "a/accuracy"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("|")[1].strip() for line in lines[2:]] == ["hps", "stl"]
+    assert "b accuracy" not in lines[0] and "seeds" not in lines[0]  # equal rows: no seeds column
+    assert main(["table", *folders, "--baseline-seeds", "0,", "--metrics", "a/accuracy"]) == 0
+    table = capsys.readouterr().out
+    assert "| seeds" in table and "| 0 " in table  # stl keeps seed 0 only
+    assert main(["table", folders[0], "--methods", "mtan"]) == 2
+    assert "no finished runs of ['mtan']" in capsys.readouterr().err
+    assert main(["table", folders[0], "--metrics", "a/nope"]) == 2
+    assert "unknown metric column(s) ['a/nope']" in capsys.readouterr().err

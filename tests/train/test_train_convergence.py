@@ -111,3 +111,31 @@ def test_bench_summary_has_the_epochs_column_and_json(tmp_path):
     assert {k: [r["seed"] for r in v] for k, v in part.runs.items()} == {"stl": [1], "hps": [0]}
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         load_records(tmp_path / "unused")
+    # several folders: the runs of per-seed grids gathered; the same run twice is refused
+    (tmp_path / "rest" / "stl-seed0").mkdir(parents=True)
+    (tmp_path / "rest" / "stl-seed0" / "record.json").write_bytes(
+        (tmp_path / "grid" / "stl-seed0" / "record.json").read_bytes()
+    )
+    both = load_records([tmp_path / "part", tmp_path / "rest"], order=["stl", "hps"])
+    assert {k: [r["seed"] for r in v] for k, v in both.runs.items()} == {"stl": [0, 1], "hps": [0]}
+    with pytest.raises(ValueError, match=r"hps seed 0 is in both .*grid.* and .*part"):
+        load_records([tmp_path / "grid", tmp_path / "part"])
+
+
+def test_summarize_shows_chosen_columns_and_seeds_but_delta_m_uses_every_metric(tmp_path):
+    base = to_dict(toy_config(tmp_path / "unused", epochs=1, log_every=100))
+    result = run_grid(base, [Variant("stl"), Variant("hps")], [0, 1], tmp_path / "grid", log=lambda _m: None)
+    full, data = summarize(result)
+    picked, picked_data = summarize(result, columns=["b/accuracy"], seeds_column=True)
+    header = [c.strip() for c in picked.splitlines()[0].strip("|").split("|")]
+    assert header[:5] == ["Method", "seeds", "#P", "#F", "b accuracy"] and "a accuracy" not in header
+    assert picked_data == data  # the JSON keeps every metric
+    def cells(line: str) -> list[str]:
+        return [c.strip() for c in line.strip("|").split("|")]
+
+    delta, full_delta = header.index("Δm% vs stl"), cells(full.splitlines()[0]).index("Δm% vs stl")
+    for row, full_row in zip(picked.splitlines()[2:], full.splitlines()[2:]):
+        assert cells(row)[1] == "0,1"
+        assert cells(row)[delta] == cells(full_row)[full_delta]
+    with pytest.raises(ValueError, match=r"unknown metric column\(s\) \['b/acc'\]; the runs have a/accuracy"):
+        summarize(result, columns=["b/acc"])

@@ -147,11 +147,28 @@ def _mean_std(values: Sequence[float]) -> tuple[float, float | None]:
     return statistics.fmean(values), statistics.stdev(values)
 
 
-def summarize(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str, Any]]:
-    """A Markdown table (#P relative to the baseline, every metric, Δm%) and its JSON form."""
+def summarize(
+    result: GridResult,
+    baseline: str = "stl",
+    columns: Sequence[str] | None = None,
+    seeds_column: bool = False,
+) -> tuple[str, dict[str, Any]]:
+    """A Markdown table (#P relative to the baseline, every metric, Δm%) and its JSON form.
+
+    ``columns`` (``"task/metric"`` names) picks the metric columns shown; Δm% is always over every
+    metric. ``seeds_column`` adds the seeds of each row (for grids with unequal rows).
+    """
     labels = list(result.runs)
     first = result.runs[labels[0]][0]
-    columns = [(t, k) for t, m in first["metrics"].items() for k in m]
+    every = [(t, k) for t, m in first["metrics"].items() for k in m]
+    if columns is None:
+        columns = every
+    else:
+        unknown = [c for c in columns if tuple(c.split("/", 1)) not in every]
+        if unknown:
+            names = ", ".join(f"{t}/{k}" for t, k in every)
+            raise ValueError(f"unknown metric column(s) {unknown}; the runs have {names}")
+        columns = [tuple(c.split("/", 1)) for c in columns]
     lower = result.lower_is_better
     base_runs = result.runs.get(baseline)
     base_params = base_runs[0]["parameters"] if base_runs else None
@@ -159,7 +176,8 @@ def summarize(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str,
     with_flops = all("flops" in runs[0] for runs in result.runs.values())  # grids from before #F
     base_metrics = metrics.average_metrics([r["metrics"] for r in base_runs]) if base_runs else None
 
-    header = ["Method", "#P", *(["#F"] if with_flops else []), *(f"{t} {k}" for t, k in columns)]
+    header = ["Method", *(["seeds"] if seeds_column else []), "#P", *(["#F"] if with_flops else [])]
+    header += [f"{t} {k}" for t, k in columns]
     if base_runs:
         header.append(f"Δm% vs {baseline}")
     # per-epoch evaluations -> epochs to reach 95% of the final score (mtnorm.train.convergence)
@@ -173,18 +191,22 @@ def summarize(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str,
     for label in labels:
         runs = result.runs[label]
         params = runs[0]["parameters"]
-        row = [label, f"{params / base_params:.2f}" if base_params else str(params)]
-        entry: dict[str, Any] = {"parameters": params, "seeds": [r["seed"] for r in runs], "metrics": {}}
+        seeds = [r["seed"] for r in runs]
+        row = [label, *([",".join(map(str, seeds))] if seeds_column else [])]
+        row.append(f"{params / base_params:.2f}" if base_params else str(params))
+        entry: dict[str, Any] = {"parameters": params, "seeds": seeds, "metrics": {}}
         if with_flops:
             flops = runs[0]["flops"]
             row.append(f"{flops / base_flops:.2f}" if base_flops else f"{flops:.3g}")
             entry["flops"] = flops
-        for t, k in columns:
+        for t, k in every:
             mean, std = _mean_std([r["metrics"][t][k] for r in runs])
+            entry["metrics"][f"{t}/{k}"] = {"mean": mean, "std": std}
+        for t, k in columns:
+            mean, std = entry["metrics"][f"{t}/{k}"].values()
             scale = 100.0 if _is_fraction(k) else 1.0
             digits = 2 if scale != 1.0 or abs(mean) >= 1 else 4  # small errors need more digits
             row.append(fmt(mean * scale, None if std is None else std * scale, digits))
-            entry["metrics"][f"{t}/{k}"] = {"mean": mean, "std": std}
         if base_runs:
             try:
                 dm, dm_std = metrics.delta_m_over_seeds([r["metrics"] for r in runs], base_metrics, lower)
@@ -236,24 +258,38 @@ def load_grid(folder: str | Path, lower_is_better: Sequence[str] | None = None) 
     )
 
 
-def load_records(folder: str | Path, order: Sequence[str] = ()) -> GridResult:
+def load_records(
+    folder: str | Path | Sequence[str | Path], order: Sequence[str] = ()
+) -> GridResult:
     """The :class:`GridResult` of the finished runs under ``folder`` (every ``*/record.json``), e.g.
-    of a grid still running or stopped midway, or of runs gathered from several grids.
+    of a grid still running or stopped midway; several folders gather the runs of several grids
+    (per-seed grids run in parallel, or a grid continued elsewhere).
 
     Rows follow ``order`` (variant labels, e.g. the ``--methods`` of the grid), then the remaining
     labels alphabetically; each row's runs are ordered by seed.
+
+    Raises:
+        FileNotFoundError: no finished run under any of the folders.
+        ValueError: two folders hold the same variant and seed (the table would count it twice).
     """
-    folder = Path(folder)
-    records = [json.loads(p.read_text()) for p in sorted(folder.glob("*/record.json"))]
-    if not records:
-        raise FileNotFoundError(f"no finished runs (*/record.json) under {folder}")
+    folders = [Path(folder)] if isinstance(folder, (str, Path)) else [Path(f) for f in folder]
+    paths = [p for f in folders for p in sorted(f.glob("*/record.json"))]
+    if not paths:
+        raise FileNotFoundError(f"no finished runs (*/record.json) under {', '.join(map(str, folders))}")
     groups: dict[str, list[dict[str, Any]]] = {}
-    for record in sorted(records, key=lambda r: r["seed"]):
-        groups.setdefault(Variant(record["method"], record.get("alpha")).label, []).append(record)
+    where: dict[tuple[str, int], Path] = {}
+    records = [(json.loads(p.read_text()), p) for p in paths]
+    for record, path in sorted(records, key=lambda rp: rp[0]["seed"]):
+        label = Variant(record["method"], record.get("alpha")).label
+        key = (label, record["seed"])
+        if key in where:
+            raise ValueError(f"{label} seed {record['seed']} is in both {where[key]} and {path}; keep one")
+        where[key] = path
+        groups.setdefault(label, []).append(record)
     rank = {label: i for i, label in enumerate(order)}
     labels = sorted(groups, key=lambda label: (rank.get(label, len(rank)), label))
-    lower = {name for r in records for name in r.get("lower_is_better", [])}
-    return GridResult(runs={label: groups[label] for label in labels}, out=folder, lower_is_better=lower)
+    lower = {name for r, _ in records for name in r.get("lower_is_better", [])}
+    return GridResult(runs={label: groups[label] for label in labels}, out=folders[0], lower_is_better=lower)
 
 
 def base_from_config(cfg: Config) -> dict[str, Any]:
