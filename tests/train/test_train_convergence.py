@@ -120,6 +120,14 @@ def test_bench_summary_has_the_epochs_column_and_json(tmp_path):
     assert {k: [r["seed"] for r in v] for k, v in both.runs.items()} == {"stl": [0, 1], "hps": [0]}
     with pytest.raises(ValueError, match=r"hps seed 0 is in both .*grid.* and .*part"):
         load_records([tmp_path / "grid", tmp_path / "part"])
+    # the same method under another balancer is another row
+    record = json.loads((tmp_path / "grid" / "hps-seed0" / "record.json").read_text())
+    assert record["balancer"] == "ew"
+    other = tmp_path / "other" / "hps-seed0"
+    other.mkdir(parents=True)
+    (other / "record.json").write_text(json.dumps({**record, "balancer": "db_mtl"}))
+    mixed = load_records([tmp_path / "grid", tmp_path / "other"], order=["stl", "hps", "hps+db_mtl"])
+    assert list(mixed.runs) == ["stl", "hps", "hps+db_mtl"] and len(mixed.runs["hps+db_mtl"]) == 1
 
 
 def test_summarize_shows_chosen_columns_and_seeds_but_delta_m_uses_every_metric(tmp_path):

@@ -119,6 +119,7 @@ def run_grid(
                 "method": variant.method,
                 "alpha": variant.alpha,
                 "seed": seed,
+                "balancer": cfg.balancer,
                 "parameters": run.parameters,
                 # forward FLOPs of all tasks on two inputs (paper's #F; ratios in the summary)
                 "flops": profile(trainer.model, trainer.example_input().to(trainer.device)).flops,
@@ -266,7 +267,9 @@ def load_records(
     (per-seed grids run in parallel, or a grid continued elsewhere).
 
     Rows follow ``order`` (variant labels, e.g. the ``--methods`` of the grid), then the remaining
-    labels alphabetically; each row's runs are ordered by seed.
+    labels alphabetically; each row's runs are ordered by seed. A run with a balancer other than
+    equal weighting is labelled ``<variant>+<balancer>`` (e.g. ``tssbn+db_mtl``), so grids that
+    differ only in the balancer gather into separate rows (records without one count as ``ew``).
 
     Raises:
         FileNotFoundError: no finished run under any of the folders.
@@ -281,6 +284,8 @@ def load_records(
     records = [(json.loads(p.read_text()), p) for p in paths]
     for record, path in sorted(records, key=lambda rp: rp[0]["seed"]):
         label = Variant(record["method"], record.get("alpha")).label
+        if record.get("balancer", "ew") != "ew":
+            label += f"+{record['balancer']}"
         key = (label, record["seed"])
         if key in where:
             raise ValueError(f"{label} seed {record['seed']} is in both {where[key]} and {path}; keep one")
