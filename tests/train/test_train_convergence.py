@@ -108,9 +108,21 @@ def test_bench_summary_has_the_epochs_column_and_json(tmp_path):
         record = (tmp_path / "grid" / run / "record.json").read_bytes()
         (tmp_path / "part" / run / "record.json").write_bytes(record)
     part = load_records(tmp_path / "part")
+    for r in (r for runs in part.runs.values() for r in runs):  # their own run folders still exist
+        assert r["out"] == str(tmp_path / "grid" / f"{r['method']}-seed{r['seed']}")
     assert {k: [r["seed"] for r in v] for k, v in part.runs.items()} == {"stl": [1], "hps": [0]}
     with pytest.raises(FileNotFoundError, match="no finished runs"):
         load_records(tmp_path / "unused")
+    # a record kept with its metrics.jsonl elsewhere (the run folder gone) reads its history there
+    kept = tmp_path / "kept" / "hps-seed0"
+    kept.mkdir(parents=True)
+    for name in ("record.json", "metrics.jsonl"):
+        (kept / name).write_bytes((tmp_path / "grid" / "hps-seed0" / name).read_bytes())
+    record = json.loads((kept / "record.json").read_text())
+    (kept / "record.json").write_text(json.dumps({**record, "out": str(tmp_path / "gone")}))
+    (moved,) = load_records(tmp_path / "kept").runs["hps"]
+    assert moved["out"] == str(kept)
+    assert summarize(load_records(tmp_path / "kept"))[1]["hps"]["epochs_to_95"] is not None
     # several folders: the runs of per-seed grids gathered; the same run twice is refused
     (tmp_path / "rest" / "stl-seed0").mkdir(parents=True)
     (tmp_path / "rest" / "stl-seed0" / "record.json").write_bytes(

@@ -282,6 +282,13 @@ def load_records(
     groups: dict[str, list[dict[str, Any]]] = {}
     where: dict[tuple[str, int], Path] = {}
     records = [(json.loads(p.read_text()), p) for p in paths]
+    for record, path in records:
+        # records copied away from their run (e.g. kept in docs/results with the run's metrics.jsonl):
+        # the evaluation history is read beside the record
+        own = record.get("out")
+        moved = own is None or not (Path(own) / "metrics.jsonl").is_file()
+        if moved and (path.parent / "metrics.jsonl").is_file():
+            record["out"] = str(path.parent)
     for record, path in sorted(records, key=lambda rp: rp[0]["seed"]):
         label = Variant(record["method"], record.get("alpha")).label
         if record.get("balancer", "ew") != "ew":
