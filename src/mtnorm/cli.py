@@ -170,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics", type=_csv, default=None, help="task/metric columns to show (Δm%% uses every metric)"
     )
     table.add_argument(
+        "--per-seed", action="store_true", help="also Δm%% of every run and the rows' rank, seed by seed"
+    )
+    table.add_argument(
         "--baseline-seeds", type=_seeds, default=None, help="only these seeds of the baseline (sensitivity)"
     )
 
@@ -425,6 +428,11 @@ def cmd_table(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(table)
+    if args.per_seed:
+        from mtnorm.train.experiment import per_seed_delta_m
+
+        print(f"\nΔm% vs the mean of {base} per seed, and each row's rank among the rows of that seed:\n")
+        print(per_seed_delta_m(result, base)[0])
     return 0
 
 

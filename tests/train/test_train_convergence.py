@@ -159,3 +159,30 @@ def test_summarize_shows_chosen_columns_and_seeds_but_delta_m_uses_every_metric(
         assert cells(row)[delta] == cells(full_row)[full_delta]
     with pytest.raises(ValueError, match=r"unknown metric column\(s\) \['b/acc'\]; the runs have a/accuracy"):
         summarize(result, columns=["b/acc"])
+
+
+def test_per_seed_delta_m_compares_each_run_with_the_mean_baseline_and_ranks_rows_per_seed():
+    from mtnorm.train.experiment import GridResult, per_seed_delta_m
+
+    def run(seed: int, acc: float, err: float) -> dict:
+        return {"seed": seed, "metrics": {"a": {"accuracy": acc}, "b": {"abs_err": err}}}
+
+    result = GridResult(
+        runs={
+            "stl": [run(0, 0.5, 1.0), run(1, 0.7, 1.0)],  # mean: accuracy 0.6, error 1.0
+            "hps": [run(0, 0.66, 1.0), run(1, 0.6, 0.8)],
+            "mtan": [run(1, 0.6, 1.1)],
+        },
+        lower_is_better={"abs_err"},
+    )
+    table, values = per_seed_delta_m(result)
+    # Δm = mean over tasks of ±(m - m_base) / m_base, in percent
+    assert values["hps"][0] == pytest.approx(100 * (0.1 + 0.0) / 2)
+    assert values["hps"][1] == pytest.approx(100 * (0.0 + 0.2) / 2)
+    assert values["stl"][0] == pytest.approx(100 * (-1 / 6) / 2)
+    assert values["mtan"] == {1: pytest.approx(100 * (0.0 - 0.1) / 2)}
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    ranks = {row[0]: row[-2:] for row in cells}
+    assert ranks == {"stl": ["2", "2"], "hps": ["1", "1"], "mtan": ["—", "3"]}
+    with pytest.raises(KeyError, match="no 'base' runs"):
+        per_seed_delta_m(result, "base")

@@ -226,6 +226,38 @@ def summarize(
     return markdown_table(header, rows), data
 
 
+def per_seed_delta_m(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str, dict[int, float]]]:
+    """Δm% of every run against the baseline's mean, one column per seed, and each row's rank per
+    seed (1 = best): whether an ordering of the rows holds seed by seed or only on average.
+
+    Raises:
+        KeyError: no runs of ``baseline``.
+    """
+    if baseline not in result.runs:
+        raise KeyError(f"per_seed_delta_m: no {baseline!r} runs; the rows are {list(result.runs)}")
+    base = metrics.average_metrics([r["metrics"] for r in result.runs[baseline]])
+    lower = result.lower_is_better
+    values = {
+        label: {r["seed"]: metrics.delta_m(r["metrics"], base, lower) for r in runs}
+        for label, runs in result.runs.items()
+    }
+    seeds = sorted({seed for row in values.values() for seed in row})
+    ranks: dict[int, dict[str, int]] = {}
+    for seed in seeds:
+        order = sorted((label for label in values if seed in values[label]), key=lambda lb: -values[lb][seed])
+        ranks[seed] = {label: i + 1 for i, label in enumerate(order)}
+    header = ["Method", *(f"seed {s}" for s in seeds), *(f"rank {s}" for s in seeds)]
+    rows = [
+        [
+            label,
+            *(fmt(row[s], None) if s in row else "—" for s in seeds),
+            *(str(ranks[s][label]) if label in ranks[s] else "—" for s in seeds),
+        ]
+        for label, row in values.items()
+    ]
+    return markdown_table(header, rows), values
+
+
 def _is_fraction(name: str) -> bool:
     """Metrics in [0, 1] that read better as percentages."""
     return name in ("accuracy", "miou", "pixel_acc", "f1") or name.startswith("within")
