@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -163,6 +164,9 @@ def test_table_gathers_grids_picks_rows_columns_and_baseline_seeds(tmp_path, cap
     assert main(["table", *folders, "--baseline-seeds", "0,", "--metrics", "a/accuracy"]) == 0
     table = capsys.readouterr().out
     assert "| seeds" in table and "| 0 " in table  # stl keeps seed 0 only
+    assert main(["table", *folders, "--per-seed"]) == 0
+    per_seed = capsys.readouterr().out.split("per seed")[1]
+    assert re.search(r"\|\s*seed 0\s*\|\s*seed 1\s*\|\s*rank 0\s*\|\s*rank 1\s*\|", per_seed)
     assert main(["table", folders[0], "--methods", "mtan"]) == 2
     assert "no finished runs of ['mtan']" in capsys.readouterr().err
     assert main(["table", folders[0], "--metrics", "a/nope"]) == 2
