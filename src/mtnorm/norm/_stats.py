@@ -8,6 +8,11 @@ loops over tasks.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 
@@ -197,6 +202,27 @@ class _NativeChunks(torch.autograd.Function):
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def full_precision(forward: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """Run a norm's ``forward(self, x, *args)`` on ``x`` cast up to float32 when it is half or
+    bfloat16, with autocast off, and return the input's dtype: the precision the native batch-norm
+    kernel computes in (float32 moments and inverse deviation, one rounding of the output).
+
+    In half, the moments of activations whose magnitude exceeds 256 overflow (``x^2 > 65504``:
+    DW-BN's output was NaN for std 300) and lose digits below it (AdaIN-BN was off by 4 on
+    unit-scale outputs), and autocast would run DW-BN's mixing matmul of the statistics in half.
+    """
+
+    @functools.wraps(forward)
+    def wrapper(self: Any, x: torch.Tensor, *args: Any) -> torch.Tensor:
+        dtype = x.dtype
+        device = x.device.type
+        off = torch.is_autocast_enabled(device) if device in ("cpu", "cuda", "mps", "xpu") else False
+        with torch.autocast(device, enabled=False) if off else contextlib.nullcontext():
+            return forward(self, x.to(_accumulation_dtype(dtype)), *args).to(dtype)
+
+    return wrapper
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:

@@ -130,6 +130,7 @@ class AdaINBatchNorm(TaskBatchNorm):
         )
         self._native_single_task = False
 
+    @_stats.full_precision
     def _forward_chunks(self, x: torch.Tensor, route: int) -> torch.Tensor:
         chunks = self.num_tasks if route == BATCHED else 1
         xs = _stats.chunk_view(x, chunks, self.num_features)  # [K, B, C, L]

@@ -270,7 +270,12 @@ class _TaskBatchNormBase(TaskNorm):
         self._check_chunk_size(x, self.num_tasks if route == BATCHED else 1)
         if route == BATCHED and self._native_single_task:
             return self._forward_native_chunks(x)
-        # the path of the sync and adaptive subclasses (statistics over [K, B, C, L] in one reduction)
+        return self._forward_reduced(x, route)
+
+    @_stats.full_precision
+    def _forward_reduced(self, x: torch.Tensor, route: int) -> torch.Tensor:
+        """The path of the sync and adaptive subclasses: statistics over ``[K, B, C, L]`` in one
+        reduction, in float32 for half inputs (:func:`_stats.full_precision`)."""
         chunks = self.num_tasks if route == BATCHED else 1
         xs = _stats.chunk_view(x, chunks, self.num_features)
         weight, bias = self._params_for(route)
