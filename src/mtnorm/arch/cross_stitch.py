@@ -93,8 +93,8 @@ class CrossStitch(Architecture):
         mult = stitch_lr_mult
         if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not mult > 0:
             raise ValueError(f"cross_stitch: stitch_lr_mult must be a positive number, got {mult!r}")
-        if stitch_lr_mult != 1:
-            setattr(self.stitches, LR_MULT, float(stitch_lr_mult))
+        if mult != 1:
+            setattr(self.stitches, LR_MULT, float(mult))
 
     def stitch(self, k: int, outputs: Sequence[torch.Tensor], rows: Sequence[int] | None = None) -> list:
         """``x̃_t = Σ_s α_k[t, s, c] x_s`` for the rows ``t`` in ``rows`` (all when None)."""
