@@ -15,7 +15,15 @@ from mtnorm.train.convergence import (
     scores,
     summarize_epochs,
 )
-from mtnorm.train.experiment import Variant, load_grid, load_records, run_grid, summarize, write_summary
+from mtnorm.train.experiment import (
+    Variant,
+    balancer_label,
+    load_grid,
+    load_records,
+    run_grid,
+    summarize,
+    write_summary,
+)
 
 
 def write_evals(folder, rows):
@@ -140,6 +148,21 @@ def test_bench_summary_has_the_epochs_column_and_json(tmp_path):
     (other / "record.json").write_text(json.dumps({**record, "balancer": "db_mtl"}))
     mixed = load_records([tmp_path / "grid", tmp_path / "other"], order=["stl", "hps", "hps+db_mtl"])
     assert list(mixed.runs) == ["stl", "hps", "hps+db_mtl"] and len(mixed.runs["hps+db_mtl"]) == 1
+
+
+@pytest.mark.parametrize(
+    "name, options, label",
+    [
+        ("ew", {}, "ew"),
+        ("db_mtl", {}, "db_mtl"),
+        ("ew", {"log_losses": True}, "log_losses"),
+        ("ew", {"max_norm": {"beta": 0.5}}, "max_norm"),
+        ("pcgrad", {"log_losses": True}, "pcgrad+log_losses"),
+        ("uw", {"log_losses": False, "max_norm": True}, "uw+max_norm"),
+    ],
+)
+def test_balancer_labels_name_db_mtl_halves(name, options, label):
+    assert balancer_label(name, options) == label
 
 
 def test_summarize_shows_chosen_columns_and_seeds_but_delta_m_uses_every_metric(tmp_path):

@@ -125,6 +125,17 @@ def test_unknown_balancer_lists_the_valid_ones(tmp_path):
         toy_config(tmp_path, balancer="nope")  # refused when the config is read, before any data
 
 
+@pytest.mark.parametrize(
+    "options, expected",
+    [({"log_losses": True}, "LogLosses"), ({"max_norm": True}, "MaxNorm"), ({}, None)],
+)
+def test_equal_weighting_with_db_mtl_halves_builds_the_balancer(tmp_path, options, expected):
+    """``balancer: ew`` with ``log_losses``/``max_norm`` is one half of DB-MTL, not plain EW: the
+    options must not be dropped because the name is "ew"."""
+    trainer = Trainer(toy_config(tmp_path, method="hps", balancer_kwargs=options, epochs=1), log=None)
+    assert (type(trainer.balancer).__name__ if trainer.balancer is not None else None) == expected
+
+
 def test_batched_forward_mode_trains(tmp_path):
     result = Trainer(toy_config(tmp_path, forward_mode="batched", epochs=1), log=None).fit()
     assert result.status == "finished"

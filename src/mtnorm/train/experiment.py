@@ -65,6 +65,15 @@ class GridResult:
     lower_is_better: set[str] = field(default_factory=set)
 
 
+def balancer_label(name: str, kwargs: dict[str, Any]) -> str:
+    """The balancer of a run as a table label: its name plus DB-MTL's halves when switched on
+    (``ew`` + ``log_losses`` -> ``"log_losses"``, ``pcgrad`` + ``log_losses`` ->
+    ``"pcgrad+log_losses"``), so runs that differ only in those options land in separate rows."""
+    halves = [flag for flag in ("log_losses", "max_norm") if kwargs.get(flag)]
+    parts = ([] if name == "ew" and halves else [name]) + halves
+    return "+".join(parts)
+
+
 def variant_config(base: dict[str, Any], variant: Variant, seed: int, out: Path) -> Config:
     """The config of one run of the grid."""
     values = copy.deepcopy(base)
@@ -119,7 +128,7 @@ def run_grid(
                 "method": variant.method,
                 "alpha": variant.alpha,
                 "seed": seed,
-                "balancer": cfg.balancer,
+                "balancer": balancer_label(cfg.balancer, cfg.balancer_kwargs),
                 "parameters": run.parameters,
                 # forward FLOPs of all tasks on two inputs (paper's #F; ratios in the summary)
                 "flops": profile(trainer.model, trainer.example_input().to(trainer.device)).flops,

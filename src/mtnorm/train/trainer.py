@@ -201,8 +201,10 @@ class Trainer:
         self.parameters = count_parameters(self.model)
 
         # STL shares nothing, so there is nothing to balance: its tasks just add up
-        use_balancer = cfg.balancer != "ew" and cfg.method != "stl"
-        if cfg.method == "stl" and cfg.balancer != "ew":
+        # EW with options (log_losses, max_norm) is a balancer too: DB-MTL's halves are built so
+        balanced = cfg.balancer != "ew" or bool(cfg.balancer_kwargs)
+        use_balancer = balanced and cfg.method != "stl"
+        if cfg.method == "stl" and balanced:
             self._log(f"stl shares no parameters: balancer {cfg.balancer!r} has nothing to combine; unused")
         self.balancer = (
             make_balancer(cfg.balancer, self.tasks, cfg.balancer_kwargs, cfg.seed) if use_balancer else None
