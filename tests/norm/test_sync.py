@@ -322,7 +322,7 @@ def _fp16_run(layer: nn.Module, x: torch.Tensor, w: torch.Tensor, mode: str):
     layer.zero_grad(set_to_none=True)
     loss.backward()
     grads = {n: p.grad.detach().clone() for n, p in layer.named_parameters()}
-    return {t: o.detach().float() for t, o in out.items()}, x.grad, grads
+    return {t: o.detach() for t, o in out.items()}, x.grad, grads
 
 
 def _fp16_worker(rank: int, port: int) -> None:
@@ -339,7 +339,10 @@ def _fp16_worker(rank: int, port: int) -> None:
                 ref_out, ref_gx, ref_grads = _fp16_run(ref, x, w, mode)
                 assert gx.dtype == torch.float16 and bool(torch.isfinite(gx).all()), tag
                 for t in TASKS:  # the native output is half: 1 ulp = 4.9e-4 relative
-                    torch.testing.assert_close(out[t], ref_out[t][lo:hi], rtol=1e-3, atol=1e-3, msg=tag)
+                    assert out[t].dtype == ref_out[t].dtype == torch.float16, tag
+                    torch.testing.assert_close(
+                        out[t].float(), ref_out[t][lo:hi].float(), rtol=1e-3, atol=1e-3, msg=tag
+                    )
                 atol = FP16_GX["atol_of_max"] * ref_gx.abs().max().item()
                 torch.testing.assert_close(
                     gx,

@@ -121,7 +121,8 @@ class _SyncStats:
     evaluation that runs on one rank only cannot hang.
 
     A synchronizing layer computes in at least float32 (moments, their combination, counts, and
-    the normalization itself) on a half input cast up once, as the native batch-norm kernel of
+    the normalization itself) on a half input cast up once and returns half
+    (``_stats.full_precision`` on the reduced path it runs), as the native batch-norm kernel of
     the local path does internally (its mean and inverse deviation are float32; its input gradient
     is rounded to half once). Left in half under fp16 loss scaling, the normalization's backward
     overflows and loses digits where the native one does not (issue 12; toy benchmark, step 1,
@@ -144,11 +145,6 @@ class _SyncStats:
             and dist.is_initialized()
             and dist.get_world_size(self.process_group) > 1
         )
-
-    def _forward_chunks(self, x: torch.Tensor, route: int) -> torch.Tensor:
-        if self._synchronizes():  # half inputs up to float32 once: see the class docstring
-            x = x.to(torch.promote_types(x.dtype, torch.float32))
-        return super()._forward_chunks(x, route)  # type: ignore[misc]
 
     def _batch_moments(self, xs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
         """Moments of ``xs = [K, B, C, L]`` over every process: one all-gather (see the module)."""
