@@ -84,6 +84,13 @@ def make_step(kind: str, method: str, tasks: list[str], batch: int) -> Callable[
     return step
 
 
+def _skips_rep(method: str, tasks: list[str]) -> bool:
+    if method in LOSS_BASED - {"ew"}:
+        return True
+    b = balance.get(method, tasks=tasks) if method in LEARNED else balance.get(method)
+    return b.gradient_state
+
+
 def external_steps(kind: str, tasks: list[str], batch: int) -> dict[str, Callable[[], None]]:
     """TorchJD's UPGrad and LibMTL's DB-MTL on the same model, if they import (both optional)."""
     torch.manual_seed(0)
@@ -180,8 +187,9 @@ def main() -> None:
     for t in counts:
         tasks = [f"task{i}" for i in range(t)]
         for kind in kinds:
-            # Loss weighting ignores rep (it never forms per-task gradients): no HPS-rep column.
-            timed = [m for m in methods if kind != "HPS-rep" or m not in LOSS_BASED - {"ew"}]
+            # Loss weighting ignores rep (it never forms per-task gradients) and DB-MTL's EMA refuses
+            # it (Balancer.gradient_state): no HPS-rep column for them.
+            timed = [m for m in methods if kind != "HPS-rep" or not _skips_rep(m, tasks)]
             steps = {m: make_step(kind, m, tasks, args.batch) for m in timed}
             if kind != "HPS-rep":
                 steps.update(external_steps(kind, tasks, args.batch))

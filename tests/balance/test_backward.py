@@ -79,7 +79,8 @@ def test_backward_agrees_with_aggregate(name: str) -> None:
 @pytest.mark.parametrize("name", ["db_mtl", "mgda", "uw"])
 def test_grad_modes_agree(name: str) -> None:
     results = {}
-    for mode in ("autograd", "batched", "rep"):
+    # max-norm's EMA refuses rep gradients (test_a_moving_average_of_gradients_refuses_rep_gradients)
+    for mode in ("autograd", "batched") + (() if make(name).gradient_state else ("rep",)):
         torch.manual_seed(0)
         model = HardSharing().double()
         x, y = data()
@@ -105,9 +106,9 @@ def test_rep_mode_against_reference() -> None:
     rep = model.features
     g = torch.stack([torch.autograd.grad(v, rep, retain_graph=True)[0].reshape(-1) for v in losses.values()])
     l = torch.stack(list(losses.values())).detach()
-    d = balance.get("db_mtl").aggregate(g, l)
+    d = balance.get("imtl_g", log_losses=True).aggregate(g, l)
     expected = torch.autograd.grad(rep, shared, d.view_as(rep), retain_graph=True)
-    balance.get("db_mtl").backward(losses, shared, rep=rep)
+    balance.get("imtl_g", log_losses=True).backward(losses, shared, rep=rep)
     for p, e in zip(shared, expected):
         torch.testing.assert_close(p.grad, e)
 
@@ -191,8 +192,23 @@ def test_rep_mode_frees_each_head_graph_and_backpropagates_the_encoder_once() ->
     model.encoder[0].register_forward_hook(count_backwards)
     x, y = data()
     losses = task_losses(model(x), y)
-    balance.get("db_mtl").backward(losses, list(model.encoder.parameters()), rep=model.features)
+    balance.get("imtl_g").backward(losses, list(model.encoder.parameters()), rep=model.features)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("name, kwargs", [("db_mtl", {}), ("uw", {"max_norm": True, "tasks": list(TASKS3)})])
+def test_a_moving_average_of_gradients_refuses_rep_gradients(name, kwargs) -> None:
+    """Rows of rep gradients are one batch's samples: averaging them over steps mixes images, so
+    max-norm (DB-MTL) needs parameter gradients, as LibMTL requires (rep_grad=False)."""
+    torch.manual_seed(0)
+    model = HardSharing().double()
+    x, y = data()
+    losses = task_losses(model(x), y)
+    balancer = balance.get(name, **kwargs)
+    with pytest.raises(ValueError, match="moving average of the task gradients.*without rep"):
+        balancer.backward(losses, list(model.encoder.parameters()), rep=model.features)
+    assert all(p.grad is None for p in model.parameters())
+    balancer.backward(losses, list(model.encoder.parameters()))  # parameter gradients: fine
 
 
 @pytest.mark.parametrize(

@@ -116,6 +116,10 @@ class Balancer(nn.Module):
     #: Whether a loss <= 0 is refused at run time: the method takes log(l_t) or ratios of losses,
     #: which a non-positive loss turns into gradient ascent or NaN.
     requires_positive_losses: bool = False
+    #: Whether the method's state lives in gradient space (an EMA of ``G`` across steps). Such a
+    #: method cannot run on representation gradients, whose coordinates are one batch's samples:
+    #: row ``t`` of step ``k`` and of step ``k + 1`` describe different images.
+    gradient_state: bool = False
     #: Names of tensor attributes (or ``None``) holding the method's state, saved in state_dict.
     _state: tuple[str, ...] = ()
 
@@ -195,6 +199,12 @@ class Balancer(nn.Module):
         mode = _grads.resolve_mode(grad_mode, rep, cheap=not self.requires_grads and not diagnostics)
         if reduce is not None and mode == "rep":
             raise ValueError("reduce= cannot average gradients with respect to rep (they are per sample)")
+        if mode == "rep" and self.gradient_state:
+            raise ValueError(
+                f"{type(self).__name__} keeps a moving average of the task gradients across steps, "
+                "which gradients with respect to rep (one batch's samples) cannot have; pass the "
+                "shared parameters without rep (grad_mode='autograd')"
+            )
         if mode == "weighted":
             # The weights come first (they advance state and learned-weight gradients); a
             # non-finite gradient found afterwards rolls both back.

@@ -44,6 +44,7 @@ class LogLosses(Balancer):
         self.inner = inner
         self.eps = eps
         self.requires_grads = inner.requires_grads
+        self.gradient_state = inner.gradient_state
         self.requires_positive_losses = True  # log(l) of a loss <= 0 turns descent into ascent
 
     def combine(self, grads: Tensor, losses: Tensor) -> Combination:
@@ -65,10 +66,11 @@ class MaxNorm(Balancer):
 
     Every task then contributes a vector of the same norm ``a``. Reported weights are the factors
     ``a / (||h_t|| + eps)``; task-specific parameters keep ``inner``'s loss scale ``w_t``.
-    State: ``ema`` (``T x P``) and the step count ``k``. The EMA assumes a fixed ``P``: with
-    ``rep`` gradients, keep the batch size fixed (``drop_last=True``).
+    State: ``ema`` (``T x P``) and the step count ``k``. The EMA lives in parameter space, so
+    ``rep`` gradients (per sample of one batch) are refused, as in LibMTL.
     """
 
+    gradient_state = True
     _state = ("ema", "k")
 
     def __init__(
@@ -96,7 +98,7 @@ class MaxNorm(Balancer):
         elif self.ema.shape != grads.shape:
             raise ValueError(
                 f"the gradient shape changed from {tuple(self.ema.shape)} to {tuple(grads.shape)} "
-                "but the EMA needs a fixed one (with rep gradients: fix the batch size)"
+                "but the EMA needs a fixed one (the same shared parameters at every step)"
             )
         self.k += 1
         beta_k = self.beta / self.k**self.sigma
