@@ -156,9 +156,12 @@ def test_bench_summary_has_the_epochs_column_and_json(tmp_path):
         ("ew", {}, "ew"),
         ("db_mtl", {}, "db_mtl"),
         ("ew", {"log_losses": True}, "log_losses"),
-        ("ew", {"max_norm": {"beta": 0.5}}, "max_norm"),
+        ("ew", {"max_norm": {"beta": 0.5}}, "max_norm(beta=0.5)"),
         ("pcgrad", {"log_losses": True}, "pcgrad+log_losses"),
         ("uw", {"log_losses": False, "max_norm": True}, "uw+max_norm"),
+        ("ew", {"max_norm": {"beta": 0}}, "max_norm(beta=0)"),
+        ("db_mtl", {"sigma": 0.5, "beta": 0.9}, "db_mtl(beta=0.9,sigma=0.5)"),
+        ("pcgrad", {"log_losses": True, "seed": 3}, "pcgrad+log_losses"),
     ],
 )
 def test_balancer_labels_name_db_mtl_halves(name, options, label):

@@ -65,12 +65,22 @@ class GridResult:
     lower_is_better: set[str] = field(default_factory=set)
 
 
+def _options(options: Any) -> str:
+    if not isinstance(options, dict) or not options:
+        return ""
+    return "(" + ",".join(f"{k}={options[k]}" for k in sorted(options)) + ")"
+
+
 def balancer_label(name: str, kwargs: dict[str, Any]) -> str:
-    """The balancer of a run as a table label: its name plus DB-MTL's halves when switched on
-    (``ew`` + ``log_losses`` -> ``"log_losses"``, ``pcgrad`` + ``log_losses`` ->
-    ``"pcgrad+log_losses"``), so runs that differ only in those options land in separate rows."""
-    halves = [flag for flag in ("log_losses", "max_norm") if kwargs.get(flag)]
-    parts = ([] if name == "ew" and halves else [name]) + halves
+    """The balancer of a run as a table label: its name and options, with DB-MTL's halves when
+    switched on, so runs that differ only in those land in separate rows: ``ew`` + ``log_losses``
+    -> ``"log_losses"``, ``pcgrad`` + ``log_losses`` -> ``"pcgrad+log_losses"``, ``db_mtl`` with
+    ``beta=0`` -> ``"db_mtl(beta=0)"``, ``ew`` + ``max_norm={"beta": 0}`` -> ``"max_norm(beta=0)"``."""
+    own = {k: v for k, v in kwargs.items() if k not in ("log_losses", "max_norm", "tasks", "seed")}
+    halves = ["log_losses"] if kwargs.get("log_losses") else []
+    if kwargs.get("max_norm"):
+        halves.append("max_norm" + _options(kwargs["max_norm"]))
+    parts = ([] if name == "ew" and halves and not own else [name + _options(own)]) + halves
     return "+".join(parts)
 
 
