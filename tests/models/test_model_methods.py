@@ -12,7 +12,6 @@ from mtnorm.models import (
     DenseHead,
     LeNetEncoder,
     PooledHead,
-    PresenceHead,
     SegNet,
     ToyEncoder,
     UnknownMethodError,
@@ -114,30 +113,9 @@ def test_segnet_and_dense_heads_shapes():
     normal = DenseHead(4, 3, normalize=True)(z)
     assert torch.allclose(normal.norm(dim=1), torch.ones(2, 16, 16), atol=1e-5)
     assert PooledHead(4)(z).shape == (2,)
-    assert PresenceHead(4)(z).shape == (2,) and PresenceHead(4, 3)(z).shape == (2, 3)
     assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == sum(
         isinstance(m, nn.Conv2d) for m in net.modules()
     )
-
-
-def test_presence_head_sees_one_small_item_that_averaging_dilutes():
-    """A single hot pixel: the max-pooled head's logit moves with it, the average barely does."""
-    torch.manual_seed(0)
-    head = PresenceHead(1)
-    with torch.no_grad():
-        head.conv.weight.zero_()
-        head.conv.weight[0, 0, 1, 1] = 1.0
-        head.conv.bias.zero_()
-        head.fc.weight.fill_(1.0)
-        head.fc.bias.zero_()
-    x = torch.zeros(2, 1, 32, 32)
-    x[1, 0, 5, 7] = 3.0
-    torch.testing.assert_close(head(x), torch.tensor([0.0, 3.0]))
-    avg = PooledHead(1)
-    with torch.no_grad():
-        avg.fc.weight.fill_(1.0)
-        avg.fc.bias.zero_()
-    assert avg(x)[1].item() < 3.0 / 1000
 
 
 def test_segnet_converts_and_routes_dense_tasks():

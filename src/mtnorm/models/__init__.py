@@ -14,7 +14,7 @@ from mtnorm.models.methods import (
     register_method,
 )
 from mtnorm.models.resnet import ResNet18, ResNet50
-from mtnorm.models.segnet import DenseHead, PooledHead, PresenceHead, SegNet
+from mtnorm.models.segnet import DenseHead, PooledHead, SegNet
 from mtnorm.models.segnet_mtan import MTANSegNet
 from mtnorm.models.toy import ToyEncoder, make_toy
 from mtnorm.models.vit import timm_backbone
@@ -27,7 +27,6 @@ __all__ = [
     "MTANSegNet",
     "MultiTaskNet",
     "PooledHead",
-    "PresenceHead",
     "ResNet18",
     "ResNet50",
     "SegNet",

@@ -119,26 +119,6 @@ class DenseHead(nn.Module):
         return F.normalize(y, dim=1) if self.normalize else y
 
 
-class PresenceHead(nn.Module):
-    """"Is there an item of this kind anywhere in the image?": 3x3 conv, ReLU, global *max*
-    pooling, linear (FashionScenes' ``has_<class>`` attributes).
-
-    Presence is an OR over locations, which a maximum reads directly; averaging dilutes one small
-    item over the whole frame. With :class:`PooledHead` (average of the shared 16 decoder
-    channels, then linear) hard sharing on the 13-task FashionScenes predicted "absent" for every
-    attribute (F1 = 0) for the first 10 of 12 epochs (seed 0, ``configs/scenes13.yaml``).
-    """
-
-    def __init__(self, in_channels: int, out_features: int = 1) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, in_channels, 3, padding=1)
-        self.fc = nn.Linear(in_channels, out_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.fc(F.relu(self.conv(x)).amax(dim=(2, 3)))
-        return y.squeeze(1) if y.shape[1] == 1 else y
-
-
 class PooledHead(nn.Module):
     """Global average pooling then a linear layer: image-level outputs (the ``has_*`` attributes)."""
 

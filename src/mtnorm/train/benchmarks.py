@@ -20,7 +20,7 @@ from mtnorm.data.spec import classification as classification_spec
 from mtnorm.models.deeplab import ASPPHead, BinaryHead, CelebACNN
 from mtnorm.models.lenet import LeNetEncoder, linear_heads
 from mtnorm.models.resnet import ResNet18, ResNet50
-from mtnorm.models.segnet import DenseHead, PooledHead, PresenceHead, SegNet
+from mtnorm.models.segnet import DenseHead, PooledHead, SegNet
 from mtnorm.models.segnet_mtan import MTAN_FILTERS, MTANSegNet
 from mtnorm.models.toy import ToyEncoder, make_toy
 from mtnorm.train.config import Config, ConfigError
@@ -141,7 +141,7 @@ def _scenes(cfg: Config) -> Benchmark:
 
     def heads() -> dict[str, nn.Module]:
         return {
-            t: PresenceHead(m.width)
+            t: PooledHead(m.width)
             if specs[t].kind == "binary"
             else DenseHead(m.width, specs[t].num_outputs, specs[t].kind == "normal")
             for t in tasks
