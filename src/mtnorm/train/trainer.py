@@ -200,8 +200,8 @@ class Trainer:
             self.model = ddp.prepare_model(self.model, self.device)
         self.parameters = count_parameters(self.model)
 
-        # STL shares nothing, so there is nothing to balance: its tasks just add up
-        # EW with options (log_losses, max_norm) is a balancer too: DB-MTL's halves are built so
+        # STL shares nothing, so there is nothing to balance: its tasks just add up. EW with
+        # options (log_losses, max_norm: DB-MTL's halves) is a balancer, not plain EW.
         balanced = cfg.balancer != "ew" or bool(cfg.balancer_kwargs)
         use_balancer = balanced and cfg.method != "stl"
         if cfg.method == "stl" and balanced:
