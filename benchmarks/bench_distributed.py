@@ -68,8 +68,8 @@ def _benchmark(model: str, n: int):
 
     gen = torch.Generator().manual_seed(0)
     if model == "lenet":
-        specs = MultiFashion.task_specs()
         tasks = tuple(MultiFashion.tasks)
+        specs = MultiFashion.task_specs(tasks)
         shape = (1, 36, 36)
         backbone = lambda norm: LeNetEncoder(1, 16, 128, 36, norm)  # noqa: E731
         heads = lambda: linear_heads(tasks, 128, 10)  # noqa: E731

@@ -20,7 +20,7 @@ def test_item_and_split_tensors(fashion_dir):
     assert len(ds) == 200 and ds.images.shape == (200, 1, CANVAS, CANVAS)
     assert ds.images.dtype == torch.float32 and ds.images.min() >= 0 and ds.images.max() <= 1
     image, target = ds[3]
-    assert image.shape == (1, 36, 36) and set(target) == {"left", "right"}
+    assert image.shape == (1, 36, 36) and {"left", "right"} <= set(target)
     assert target["left"].dtype == torch.long and torch.equal(image, ds.images[3])
     assert ds.task_specs()["left"].num_outputs == 10
 
@@ -147,3 +147,38 @@ def test_unwritable_cache_still_returns_data(fashion_dir, tmp_path, monkeypatch)
     with pytest.warns(UserWarning, match="could not cache"):
         ds = small(fashion_dir, seed=11)
     assert torch.equal(ds.raw, small(fashion_dir, seed=11, cache=False).raw)
+
+
+def test_has_class_attributes_follow_the_two_labels(fashion_dir):
+    ds = small(fashion_dir)
+    assert set(ds.targets) == set(ds.all_tasks) and len(ds.all_tasks) == 12
+    has = torch.stack([ds.targets[t] for t in ds.attribute_tasks], dim=1)
+    assert has.dtype == torch.float32
+    for c in range(10):
+        expected = (ds.targets["left"] == c) | (ds.targets["right"] == c)
+        assert torch.equal(has[:, c].bool(), expected), c
+    # one class when both items share it, else two
+    assert set(has.sum(1).tolist()) <= {1.0, 2.0}
+    _, target = ds[5]
+    assert target["has_bag"] == has[5, 8] and set(target) == set(ds.all_tasks)
+    specs = ds.task_specs()
+    assert [specs[t].kind for t in ("left", "has_bag")] == ["classification", "binary"]
+    assert list(ds.task_specs(("right", "has_coat"))) == ["right", "has_coat"]
+
+
+def test_twelve_task_multifashion_trains_end_to_end(fashion_dir, tmp_path):
+    from mtnorm.train import Trainer, config_from_dict
+
+    tasks = ["left", "right", "has_bag", "has_coat"]
+    cfg = config_from_dict({
+        "method": "tssbn",
+        "epochs": 1,
+        "out": str(tmp_path / "run"),
+        "data": {"name": "multifashion", "root": str(fashion_dir), "tasks": tasks,
+                 "n_train": 64, "n_test": 32, "batch_size": 32},
+        "model": {"width": 4, "hidden": 8},
+    })
+    result = Trainer(cfg, log=None).fit()
+    assert result.status == "finished" and list(result.metrics) == tasks
+    assert {"f1", "accuracy"} <= set(result.metrics["has_bag"])
+    assert "accuracy" in result.metrics["left"]

@@ -11,6 +11,11 @@ The two-task classification benchmark of Lin et al. (2019), "Pareto Multi-Task L
   canvases are built only from Fashion-MNIST test images;
 * everything is a function of ``seed`` (numpy PCG64 seeded with ``(seed, split)``).
 
+Beside ``left`` and ``right`` the split carries ten image-level attributes ``has_<class>`` ("is an
+item of this class on the canvas?", 0/1; 19 % positive on average), derived from the two labels.
+Selected with ``data.tasks`` they make a 12-task classification problem in the regime of CelebA's
+40 attributes, where soft sharing has to grow with the number of tasks and TSσBN does not.
+
 Generation is vectorized: one slice assignment per offset pair (25 per item), never per sample.
 """
 
@@ -28,6 +33,7 @@ from mtnorm.data.fashion import FASHION_CLASSES
 CANVAS = 36
 MAX_SHIFT = 4
 MULTIFASHION_TASKS: tuple[str, ...] = ("left", "right")
+MULTIFASHION_ATTRIBUTE_TASKS: tuple[str, ...] = tuple(f"has_{c}" for c in FASHION_CLASSES)
 _VERSION = 1
 
 
@@ -40,6 +46,12 @@ def _paste(canvas: np.ndarray, items: np.ndarray, dy: np.ndarray, dx: np.ndarray
             if sel.size:
                 window = canvas[sel, oy : oy + h, ox : ox + w]
                 canvas[sel, oy : oy + h, ox : ox + w] = np.maximum(window, items[sel])
+
+
+def has_class(left: torch.Tensor, right: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Float 0/1 [N, num_classes]: column c is 1 where either item is of class c."""
+    classes = torch.arange(num_classes)
+    return ((left[:, None] == classes) | (right[:, None] == classes)).float()
 
 
 def make_multifashion(
@@ -71,14 +83,17 @@ def make_multifashion(
 class MultiFashion(Dataset):
     """MultiFashion split as a torch Dataset and as whole-split tensors.
 
-    ``ds[i]`` is ``(image float [1,36,36] in [0,1], {"left": long, "right": long})``.
-    ``ds.images`` (float32 [N,1,36,36]) and ``ds.targets`` (``{"left": long [N], "right": ...}``)
-    hold the whole split for tensor slicing without a DataLoader; ``ds.source`` [N,2] gives the
-    indices of the items in the source split. Generated arrays are cached under
+    ``ds[i]`` is ``(image float [1,36,36] in [0,1], targets)`` with ``left`` / ``right`` long
+    labels and the ``has_<class>`` float 0/1 scalars. ``ds.images`` (float32 [N,1,36,36]) and
+    ``ds.targets`` (the same keys, batch first) hold the whole split for tensor slicing without a
+    DataLoader; ``ds.source`` [N,2] gives the indices of the items in the source split.
+    ``tasks`` is the default pair; ``all_tasks`` adds the attributes. Generated arrays are cached under
     ``$MTNORM_CACHE`` (default ``~/.cache/mtnorm``).
     """
 
     tasks = MULTIFASHION_TASKS
+    attribute_tasks = MULTIFASHION_ATTRIBUTE_TASKS
+    all_tasks = (*MULTIFASHION_TASKS, *MULTIFASHION_ATTRIBUTE_TASKS)
     classes = FASHION_CLASSES
     in_channels = 1
     image_size = (CANVAS, CANVAS)
@@ -98,6 +113,8 @@ class MultiFashion(Dataset):
         self.split = split
         self.raw = torch.from_numpy(arrays["images"])  # uint8, 4x smaller than float
         self.targets = {t: torch.from_numpy(arrays[t]) for t in self.tasks}
+        has = has_class(self.targets["left"], self.targets["right"], len(FASHION_CLASSES))
+        self.targets.update({t: has[:, i] for i, t in enumerate(self.attribute_tasks)})
         self.source = torch.from_numpy(arrays["source"])
         self._images: torch.Tensor | None = None
 
@@ -113,11 +130,11 @@ class MultiFashion(Dataset):
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         image = self.raw[i].unsqueeze(0).float() / 255.0
-        return image, {t: self.targets[t][i] for t in self.tasks}
+        return image, {t: value[i] for t, value in self.targets.items()}
 
     @classmethod
-    def task_specs(cls) -> dict:
+    def task_specs(cls, tasks: tuple[str, ...] | None = None) -> dict:
         """Per-task head/loss/metric description for trainers (see mtnorm.data.spec)."""
         from mtnorm.data.spec import multifashion_specs
 
-        return multifashion_specs()
+        return multifashion_specs(tasks)

@@ -70,9 +70,16 @@ def regression(num_outputs: int = 1) -> TaskSpec:
     return TaskSpec("regression", num_outputs, M.MAE, "mae")
 
 
-def multifashion_specs() -> dict[str, TaskSpec]:
-    """MultiFashion: two 10-way classification tasks."""
-    return {"left": classification(10), "right": classification(10)}
+def multifashion_specs(tasks: tuple[str, ...] | None = None) -> dict[str, TaskSpec]:
+    """MultiFashion: two 10-way classification tasks and the 10 binary has_<class> attributes.
+
+    ``tasks=None`` gives all 12; the benchmark's default selection is ``("left", "right")``.
+    """
+    from mtnorm.data.multifashion import MULTIFASHION_ATTRIBUTE_TASKS
+
+    specs = {"left": classification(10), "right": classification(10)}
+    specs.update({task: binary() for task in MULTIFASHION_ATTRIBUTE_TASKS})
+    return _select(specs, tasks)
 
 
 def fashion_scenes_specs(tasks: tuple[str, ...] | None = None) -> dict[str, TaskSpec]:

@@ -122,7 +122,10 @@ def _multifashion(cfg: Config) -> Benchmark:
         {t: specs[t] for t in tasks},
         load,
         lambda norm: LeNetEncoder(1, m.width, m.hidden, 36, norm),
-        lambda: linear_heads(tasks, m.hidden, 10),
+        lambda: {
+            t: BinaryHead(m.hidden) if specs[t].kind == "binary" else nn.Linear(m.hidden, 10)
+            for t in tasks
+        },
         (1, 36, 36),
     )
 
