@@ -28,6 +28,7 @@ Run (2-4 minutes of wall time for both benchmarks on the shared 2-core machine):
     .venv/bin/python benchmarks/bench_arch.py --benchmark both
     .venv/bin/python benchmarks/bench_arch.py --methods hps,tssbn,mmoe --reps 3 --no-rss   # quick look
     .venv/bin/python benchmarks/bench_arch.py --benchmark scenes13   # all 13 FashionScenes tasks
+    .venv/bin/python benchmarks/bench_arch.py --benchmark multifashion12   # left, right, 10 has_<class>
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _memory import peak_rss_increase, saved_activation_bytes
 from _timing import measure
+from mtnorm.data.multifashion import MultiFashion
 from mtnorm.data.scenes import SCENE_TASKS
 from mtnorm.data.spec import TaskSpec
 from mtnorm.models.methods import available_methods, build_method, default_norm_lr_mult
@@ -63,7 +65,8 @@ from mtnorm.train.config import Config
 from mtnorm.train.loop import task_losses
 from mtnorm.train.losses import loss_for
 
-BATCH = {"multifashion": 32, "scenes": 8, "scenes13": 8}
+BATCH = {"multifashion": 32, "multifashion12": 32, "scenes": 8, "scenes13": 8}
+MANY_TASKS = {"scenes13": ("scenes", SCENE_TASKS), "multifashion12": ("multifashion", MultiFashion.all_tasks)}
 LR = 1e-3  # the trainer's defaults (OptimConfig): Adam, lr 1e-3, layer-norm multiplier 10
 LAYERNORM_LR_MULT = 10.0
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
@@ -84,12 +87,13 @@ def load_benchmark(name: str) -> Benchmark:
     """The benchmark's tasks, specs, backbone and heads with the default model config (no data read).
 
     ``scenes13`` is FashionScenes with all 13 tasks (segment, depth, normal and the 10 has_<class>
-    attributes, configs/scenes13.yaml): the many-task regime, where T task passes cost most.
+    attributes, configs/scenes13.yaml) and ``multifashion12`` MultiFashion with its 10 attributes
+    (configs/multifashion12.yaml): the many-task regime, where T task passes cost most.
     """
     cfg = Config()
-    cfg.data.name = "scenes" if name == "scenes13" else name
-    if name == "scenes13":
-        cfg.data.tasks = list(SCENE_TASKS)
+    cfg.data.name, tasks = MANY_TASKS.get(name, (name, None))
+    if tasks is not None:
+        cfg.data.tasks = list(tasks)
     return get_benchmark(cfg)
 
 
@@ -271,9 +275,9 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--benchmark", choices=["multifashion", "scenes", "scenes13", "both"], default="both")
+    parser.add_argument("--benchmark", choices=[*BATCH, "both"], default="both")
     parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
-    parser.add_argument("--batch", type=int, default=None, help="default 32 (multifashion), 8 (scenes*)")
+    parser.add_argument("--batch", type=int, default=None, help="default 32 (multifashion*), 8 (scenes*)")
     parser.add_argument("--reps", type=int, default=7, help="timed repeats per method")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per method first")
     parser.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
