@@ -236,3 +236,26 @@ def test_report_compares_runs_and_measures_stability_within_one_configuration(tm
     agreement = data["runs"][0]["affinity"]["agreement"]  # three tasks: pairs to rank
     assert -1.0 <= agreement <= 1.0
     assert "agreement" not in data["runs"][4]["affinity"]  # HPS has no gates to agree with
+
+
+def test_report_figures_stay_legible_with_many_tasks(tmp_path):
+    """12 tasks (configs/multifashion12.yaml): the relations figure grows with T and the embedding
+    gives every task its own colour (matplotlib's default cycle repeats after 10)."""
+    from matplotlib.image import imread
+    from train_helpers import toy_config
+
+    from mtnorm.analysis.report import task_colors
+    from mtnorm.cli import main
+    from mtnorm.train import Trainer
+
+    assert len(set(task_colors(12))) == 12 and len(set(task_colors(20))) == 20
+    widths = {}
+    for tasks in (["a", "b", "c"], [f"t{i}" for i in range(12)]):
+        run = tmp_path / f"run{len(tasks)}"
+        Trainer(toy_config(run, epochs=1, data={"tasks": tasks}), log=None).fit()
+        out = tmp_path / f"report{len(tasks)}"
+        assert main(["analyze", str(run), "--out", str(out), "--no-pruning"]) == 0
+        data = json.loads((out / "report.json").read_text())["runs"][0]
+        assert data["tasks"] == tasks and len(data["embedding"]["points"]) == len(tasks)
+        widths[len(tasks)] = imread(out / "run0_relations.png").shape[1]
+    assert widths[12] > 1.5 * widths[3]

@@ -235,6 +235,15 @@ def _task_matrix(plt: Any, matrix: Any, tasks: Sequence[str], cmap: str, fmt: st
     return fig, ax
 
 
+def task_colors(n: int) -> list[tuple[float, ...]]:
+    """``n`` RGB colours, distinct up to 20 tasks (matplotlib's default cycle repeats after 10;
+    tab20 after 20, where a scatter of that many tasks is unreadable anyway)."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab10" if n <= 10 else "tab20"].colors
+    return [palette[k % len(palette)] for k in range(n)]
+
+
 def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -260,7 +269,7 @@ def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, s
                         "task gradients of each shared convolution filter, over the recorded steps."))
     def save(fig: Any, name: str, caption: str) -> None:
         fig.tight_layout()
-        fig.savefig(folder / f"{prefix}{name}.png", dpi=110)
+        fig.savefig(folder / f"{prefix}{name}.png", dpi=110, bbox_inches="tight")
         plt.close(fig)
         figures.append((f"{prefix}{name}.png", caption))
 
@@ -275,11 +284,16 @@ def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, s
              "blue = a step for the row's task lowers the column's loss.")
     if "embedding" in data:
         e = data["embedding"]
-        fig, ax = plt.subplots(figsize=(4.8, 4))
-        for t, pts in e["points"].items():
+        many = len(e["points"]) > 6
+        fig, ax = plt.subplots(figsize=(6.2 if many else 4.8, 4))
+        colors = task_colors(len(e["points"]))
+        for color, (t, pts) in zip(colors, e["points"].items()):
             pts = np.array(pts)
-            ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, label=t)
-        ax.legend(fontsize=7, markerscale=2)
+            ax.scatter(pts[:, 0], pts[:, 1], s=6, alpha=0.6, label=t, color=color)
+        if many:  # outside the axes, where it hides no points
+            ax.legend(fontsize=7, markerscale=2, loc="upper left", bbox_to_anchor=(1.01, 1))
+        else:
+            ax.legend(fontsize=7, markerscale=2)
         ax.set_xticks([])
         ax.set_yticks([])
         save(fig, "embedding", f"Task representations (Fig. 2 middle): each task's head input for the "
@@ -302,18 +316,24 @@ def _plots(data: dict[str, Any], folder: Path, prefix: str) -> list[tuple[str, s
          "shared with the other tasks' filter usage and the independent part.")
 
     sim = np.array(data["similarity"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), gridspec_kw={"width_ratios": [1, 1.2]})
-    if len(tasks) > 1:
-        dendrogram(np.array(data["linkage"]), labels=tasks, ax=axes[0], color_threshold=0)
+    t = len(tasks)
+    # both panels grow with T so that task names and cell values stay legible (CelebA has 40)
+    size = (max(9.0, 1.1 * t + 5), max(3.6, 0.45 * t + 2.5))
+    fig, axes = plt.subplots(1, 2, figsize=size, gridspec_kw={"width_ratios": [1, 1.2]})
+    if t > 1:
+        rotation = 90 if t > 4 else 0
+        dendrogram(np.array(data["linkage"]), labels=tasks, ax=axes[0], color_threshold=0,
+                   leaf_rotation=rotation, leaf_font_size=8)
     axes[0].set_title("hierarchy (distance 1 - cos)")
     im = axes[1].imshow(sim, vmin=0, vmax=1, cmap="viridis")
-    axes[1].set_xticks(range(len(tasks)), tasks, rotation=90)
-    axes[1].set_yticks(range(len(tasks)), tasks)
-    for i in range(len(tasks)):
-        for j in range(len(tasks)):
-            if len(tasks) <= 12:
+    axes[1].set_xticks(range(t), tasks, rotation=90)
+    axes[1].set_yticks(range(t), tasks)
+    if t <= 16:
+        for i in range(t):
+            for j in range(t):
                 color = "k" if sim[i, j] > 0.6 else "w"  # readable on viridis' yellow and purple
-                axes[1].text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=8, color=color)
+                axes[1].text(j, i, f"{sim[i, j]:.2f}", ha="center", va="center", fontsize=8 if t <= 8 else 6,
+                             color=color)
     fig.colorbar(im, ax=axes[1])
     axes[1].set_title("cosine similarity of importance")
     save(fig, "relations", "Task relations (§5.2): cosine similarity of the tasks' importance vectors "
