@@ -167,7 +167,13 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--baseline", default="stl", help="the row Δm%% is relative to (default stl)")
     table.add_argument("--methods", type=_csv, default=None, help="rows to show, in this order (default all)")
     table.add_argument(
-        "--metrics", type=_csv, default=None, help="task/metric columns to show (Δm%% uses every metric)"
+        "--metrics", type=_csv, default=None, help="task/metric columns to show (default every metric)"
+    )
+    table.add_argument(
+        "--delta-metrics",
+        type=_csv,
+        default=None,
+        help="task/metric names Δm%% counts (default every metric; 'shown' = the --metrics columns)",
     )
     table.add_argument(
         "--per-seed", action="store_true", help="also Δm%% of every run and the rows' rank, seed by seed"
@@ -423,16 +429,25 @@ def cmd_table(args: argparse.Namespace) -> int:
             raise CLIError(f"--baseline-seeds: {base} has seeds {have}, none of {args.baseline_seeds}")
         result.runs[base] = kept
     seed_sets = {tuple(r["seed"] for r in runs) for runs in result.runs.values()}
+    counted = args.delta_metrics
+    if counted == ["shown"]:
+        if not args.metrics:
+            raise CLIError("--delta-metrics shown: give the columns with --metrics")
+        counted = args.metrics
     try:
-        table, _ = summarize(result, base, columns=args.metrics, seeds_column=len(seed_sets) > 1)
+        table, _ = summarize(
+            result, base, columns=args.metrics, seeds_column=len(seed_sets) > 1, delta_over=counted
+        )
     except ValueError as e:
         raise CLIError(str(e)) from None
     print(table)
+    if counted is not None:
+        print(f"\nΔm% counts only {', '.join(counted)}")
     if args.per_seed:
         from mtnorm.train.experiment import per_seed_delta_m
 
         print(f"\nΔm% vs the mean of {base} per seed, and each row's rank among the rows of that seed:\n")
-        print(per_seed_delta_m(result, base)[0])
+        print(per_seed_delta_m(result, base, counted)[0])
     return 0
 
 

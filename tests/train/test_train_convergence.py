@@ -212,3 +212,36 @@ def test_per_seed_delta_m_compares_each_run_with_the_mean_baseline_and_ranks_row
     assert ranks == {"stl": ["2", "2"], "hps": ["1", "1"], "mtan": ["—", "3"]}
     with pytest.raises(KeyError, match="no 'base' runs"):
         per_seed_delta_m(result, "base")
+
+
+def test_delta_m_over_chosen_metrics_counts_only_those(tmp_path, capsys):
+    """CelebA's Δ% counts F1, not the accuracy beside it: ``delta_over`` / ``--delta-metrics``."""
+    import json
+
+    from mtnorm.cli import main
+    from mtnorm.train.experiment import GridResult, per_seed_delta_m
+
+    def run(seed: int, f1: float, acc: float) -> dict:
+        return {"seed": seed, "parameters": 10, "metrics": {"a": {"f1": f1, "accuracy": acc}}}
+
+    result = GridResult(
+        runs={"stl": [run(0, 0.5, 0.8)], "hps": [run(0, 0.6, 0.8)]}, lower_is_better=set()
+    )
+    # every metric: (20% + 0%) / 2 within the task; F1 only: 20%
+    assert summarize(result)[1]["hps"]["delta_m"]["mean"] == pytest.approx(10.0)
+    assert summarize(result, delta_over=["a/f1"])[1]["hps"]["delta_m"]["mean"] == pytest.approx(20.0)
+    assert per_seed_delta_m(result, delta_over=["a/f1"])[1]["hps"][0] == pytest.approx(20.0)
+    with pytest.raises(ValueError, match=r"unknown Δm% metric\(s\) \['a/miou'\]"):
+        summarize(result, delta_over=["a/miou"])
+
+    for label, runs in result.runs.items():
+        folder = tmp_path / "grid" / f"{label}-seed0"
+        folder.mkdir(parents=True)
+        record = {"method": label, "alpha": None, "lower_is_better": [], **runs[0]}
+        (folder / "record.json").write_text(json.dumps(record))
+    grid = str(tmp_path / "grid")
+    assert main(["table", grid, "--metrics", "a/f1", "--delta-metrics", "shown"]) == 0
+    out = capsys.readouterr().out
+    assert "Δm% counts only a/f1" in out and "| 20.00" in out.splitlines()[2]
+    assert main(["table", grid, "--delta-metrics", "shown"]) == 2
+    assert "give the columns with --metrics" in capsys.readouterr().err

@@ -172,29 +172,25 @@ def summarize(
     baseline: str = "stl",
     columns: Sequence[str] | None = None,
     seeds_column: bool = False,
+    delta_over: Sequence[str] | None = None,
 ) -> tuple[str, dict[str, Any]]:
     """A Markdown table (#P relative to the baseline, every metric, Δm%) and its JSON form.
 
-    ``columns`` (``"task/metric"`` names) picks the metric columns shown; Δm% is always over every
-    metric. ``seeds_column`` adds the seeds of each row (for grids with unequal rows).
+    ``columns`` (``"task/metric"`` names) picks the metric columns shown. Δm% is over every metric
+    unless ``delta_over`` names the ones it uses (the paper's CelebA Δ% counts F1 only, not the
+    accuracy beside it). ``seeds_column`` adds the seeds of each row (for grids with unequal rows).
     """
     labels = list(result.runs)
     first = result.runs[labels[0]][0]
     every = [(t, k) for t, m in first["metrics"].items() for k in m]
-    if columns is None:
-        columns = every
-    else:
-        unknown = [c for c in columns if tuple(c.split("/", 1)) not in every]
-        if unknown:
-            names = ", ".join(f"{t}/{k}" for t, k in every)
-            raise ValueError(f"unknown metric column(s) {unknown}; the runs have {names}")
-        columns = [tuple(c.split("/", 1)) for c in columns]
+    columns = every if columns is None else _metric_names(columns, every, "metric column")
     lower = result.lower_is_better
     base_runs = result.runs.get(baseline)
     base_params = base_runs[0]["parameters"] if base_runs else None
     base_flops = base_runs[0].get("flops") if base_runs else None
     with_flops = all("flops" in runs[0] for runs in result.runs.values())  # grids from before #F
-    base_metrics = metrics.average_metrics([r["metrics"] for r in base_runs]) if base_runs else None
+    counted = every if delta_over is None else _metric_names(delta_over, every, "Δm% metric")
+    base_metrics = _only(_mean_metrics(base_runs), counted) if base_runs else None
 
     header = ["Method", *(["seeds"] if seeds_column else []), "#P", *(["#F"] if with_flops else [])]
     header += [f"{t} {k}" for t, k in columns]
@@ -229,7 +225,9 @@ def summarize(
             row.append(fmt(mean * scale, None if std is None else std * scale, digits))
         if base_runs:
             try:
-                dm, dm_std = metrics.delta_m_over_seeds([r["metrics"] for r in runs], base_metrics, lower)
+                dm, dm_std = metrics.delta_m_over_seeds(
+                    [_only(r["metrics"], counted) for r in runs], base_metrics, lower
+                )
             except ValueError:  # a baseline metric of 0 (e.g. an untrained run): no relative gain
                 dm, dm_std = math.nan, math.nan
             row.append(fmt(dm, dm_std if len(runs) > 1 else None))
@@ -245,19 +243,25 @@ def summarize(
     return markdown_table(header, rows), data
 
 
-def per_seed_delta_m(result: GridResult, baseline: str = "stl") -> tuple[str, dict[str, dict[int, float]]]:
+def per_seed_delta_m(
+    result: GridResult, baseline: str = "stl", delta_over: Sequence[str] | None = None
+) -> tuple[str, dict[str, dict[int, float]]]:
     """Δm% of every run against the baseline's mean, one column per seed, and each row's rank per
     seed (1 = best): whether an ordering of the rows holds seed by seed or only on average.
+    ``delta_over`` as in :func:`summarize`.
 
     Raises:
         KeyError: no runs of ``baseline``.
     """
     if baseline not in result.runs:
         raise KeyError(f"per_seed_delta_m: no {baseline!r} runs; the rows are {list(result.runs)}")
-    base = metrics.average_metrics([r["metrics"] for r in result.runs[baseline]])
+    base_runs = result.runs[baseline]
+    every = [(t, k) for t, m in base_runs[0]["metrics"].items() for k in m]
+    counted = every if delta_over is None else _metric_names(delta_over, every, "Δm% metric")
+    base = _only(_mean_metrics(base_runs), counted)
     lower = result.lower_is_better
     values = {
-        label: {r["seed"]: metrics.delta_m(r["metrics"], base, lower) for r in runs}
+        label: {r["seed"]: metrics.delta_m(_only(r["metrics"], counted), base, lower) for r in runs}
         for label, runs in result.runs.items()
     }
     seeds = sorted({seed for row in values.values() for seed in row})
@@ -275,6 +279,27 @@ def per_seed_delta_m(result: GridResult, baseline: str = "stl") -> tuple[str, di
         for label, row in values.items()
     ]
     return markdown_table(header, rows), values
+
+
+def _metric_names(names: Sequence[str], every: list[tuple[str, str]], what: str) -> list[tuple[str, str]]:
+    """``"task/metric"`` strings as pairs, each checked against the runs' metrics."""
+    unknown = [c for c in names if tuple(c.split("/", 1)) not in every]
+    if unknown:
+        have = ", ".join(f"{t}/{k}" for t, k in every)
+        raise ValueError(f"unknown {what}(s) {unknown}; the runs have {have}")
+    return [tuple(c.split("/", 1)) for c in names]  # type: ignore[misc]
+
+
+def _mean_metrics(runs: Sequence[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return metrics.average_metrics([r["metrics"] for r in runs])
+
+
+def _only(nested: dict[str, dict[str, float]], names: list[tuple[str, str]]) -> dict[str, dict[str, float]]:
+    """The ``(task, metric)`` entries of ``names`` from ``{task: {metric: value}}``, in its order."""
+    out: dict[str, dict[str, float]] = {}
+    for task, name in names:
+        out.setdefault(task, {})[name] = nested[task][name]
+    return out
 
 
 def _is_fraction(name: str) -> bool:
