@@ -176,6 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="task/metric names Δm%% counts (default every metric; 'shown' = the --metrics columns)",
     )
     table.add_argument(
+        "--epoch", type=int, default=None, help="the runs' evaluations of this epoch, not their last"
+    )
+    table.add_argument(
         "--per-seed", action="store_true", help="also Δm%% of every run and the rows' rank, seed by seed"
     )
     table.add_argument(
@@ -428,6 +431,13 @@ def cmd_table(args: argparse.Namespace) -> int:
             have = [r["seed"] for r in result.runs[base]]
             raise CLIError(f"--baseline-seeds: {base} has seeds {have}, none of {args.baseline_seeds}")
         result.runs[base] = kept
+    if args.epoch is not None:
+        from mtnorm.train.experiment import at_epoch
+
+        try:
+            result = at_epoch(result, args.epoch)
+        except ValueError as e:
+            raise CLIError(f"--epoch: {e}") from None
     seed_sets = {tuple(r["seed"] for r in runs) for runs in result.runs.values()}
     counted = args.delta_metrics
     if counted == ["shown"]:

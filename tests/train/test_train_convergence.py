@@ -245,3 +245,25 @@ def test_delta_m_over_chosen_metrics_counts_only_those(tmp_path, capsys):
     assert "Δm% counts only a/f1" in out and "| 20.00" in out.splitlines()[2]
     assert main(["table", grid, "--delta-metrics", "shown"]) == 2
     assert "give the columns with --metrics" in capsys.readouterr().err
+
+
+def test_table_at_an_earlier_epoch_reads_each_runs_evaluation_of_it(tmp_path, capsys):
+    from mtnorm.cli import main
+    from mtnorm.train.experiment import at_epoch
+
+    base = to_dict(toy_config(tmp_path / "unused", epochs=2, log_every=100))
+    run_grid(base, [Variant("stl"), Variant("hps")], [0], tmp_path / "grid", log=lambda _m: None)
+    result = load_records(tmp_path / "grid")
+    first = at_epoch(result, 1)
+    for label, runs in result.runs.items():
+        (run,) = runs
+        history = dict(eval_history(run["out"]))
+        assert first.runs[label][0]["metrics"] == history[1] != run["metrics"]
+        assert at_epoch(result, 2).runs[label][0]["metrics"] == run["metrics"]  # the last epoch
+    assert result.runs["hps"][0]["metrics"] != first.runs["hps"][0]["metrics"]  # the input is kept
+    with pytest.raises(ValueError, match=r"hps seed 0 has no evaluation of epoch 3 \(epochs: \[1, 2\]\)"):
+        at_epoch(result, 3)
+    assert main(["table", str(tmp_path / "grid"), "--epoch", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[0] == summarize(first)[0].splitlines()[0]
+    assert main(["table", str(tmp_path / "grid"), "--epoch", "5"]) == 2
+    assert "--epoch: " in capsys.readouterr().err

@@ -380,6 +380,28 @@ def load_records(
     return GridResult(runs={label: groups[label] for label in labels}, out=folders[0], lower_is_better=lower)
 
 
+def at_epoch(result: GridResult, epoch: int) -> GridResult:
+    """The grid as it stood after ``epoch``: each run's metrics replaced by its evaluation of that
+    epoch (from ``metrics.jsonl``), e.g. to check whether the rows' order at a shorter budget
+    survives a longer one, from the same runs. Epochs-to-95% are then of the full runs.
+
+    Raises:
+        ValueError: a run has no evaluation of ``epoch`` (no history, or it stopped before).
+    """
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for label, records in result.runs.items():
+        runs[label] = []
+        for record in records:
+            history = dict(convergence.eval_history(record["out"])) if record.get("out") else {}
+            if epoch not in history:
+                have = sorted(history) or "none"
+                raise ValueError(
+                    f"{label} seed {record['seed']} has no evaluation of epoch {epoch} (epochs: {have})"
+                )
+            runs[label].append({**record, "metrics": history[epoch]})
+    return GridResult(runs=runs, out=result.out, lower_is_better=result.lower_is_better)
+
+
 def base_from_config(cfg: Config) -> dict[str, Any]:
     """A config as the base dict of a grid (method/seed/out are set per run)."""
     return to_dict(cfg)
