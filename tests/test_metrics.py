@@ -21,6 +21,7 @@ from mtnorm.metrics import (
     delta_m,
     delta_m_over_seeds,
     delta_m_terms,
+    kendall_w,
     lower_is_better_names,
 )
 
@@ -361,3 +362,36 @@ def test_paper_table_2_cityscapes_only_within_rounding():
         point = delta_m({"seg": {"miou": s}, "depth": {"abs_err": d}}, base, {"abs_err"})
         misses += abs(point - printed) > 0.05
     assert misses >= 5
+
+
+def test_kendall_w_is_one_when_rankings_agree_and_zero_when_they_cancel():
+    same = [[3.0, 1.0, 2.0], [30.0, 10.0, 20.0], [0.3, 0.1, 0.2]]  # same order, other scales
+    assert kendall_w(same)[0] == pytest.approx(1.0)
+    # two opposite rankings: every rank sum is n + 1, no spread
+    assert kendall_w([[1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0]])[0] == pytest.approx(0.0)
+
+
+def test_kendall_w_by_hand_and_against_scipys_friedman_test():
+    from scipy.stats import friedmanchisquare
+
+    scores = [[5.0, 3.0, 1.0, 0.0], [4.0, 5.0, 0.0, 1.0], [3.0, 1.0, 2.0, 0.0]]
+    # ranks (1 = best): [1,2,3,4], [2,1,4,3], [1,3,2,4]; sums 4, 6, 9, 11, mean 7.5
+    # W = 12 (3.5² + 1.5² + 1.5² + 3.5²) / (3² (4³ - 4)) = 12 * 29 / 540
+    w, p = kendall_w(scores)
+    assert w == pytest.approx(12 * 29 / 540)
+    # Friedman's statistic is m (n - 1) W; scipy ranks within each block itself
+    stat, p_scipy = friedmanchisquare(*zip(*scores))
+    assert stat == pytest.approx(3 * 3 * w)
+    assert p == pytest.approx(p_scipy)
+    # with ties scipy applies the same correction
+    tied = [[1.0, 1.0, 2.0, 0.0], [2.0, 1.0, 1.0, 0.0], [3.0, 3.0, 3.0, 1.0]]
+    stat, p_scipy = friedmanchisquare(*zip(*tied))
+    assert 3 * 3 * kendall_w(tied)[0] == pytest.approx(stat)
+    assert kendall_w(tied)[1] == pytest.approx(p_scipy)
+
+
+def test_kendall_w_refuses_fewer_than_two_rankings_or_ragged_rows():
+    with pytest.raises(ValueError, match="at least 2 rankings"):
+        kendall_w([[1.0, 2.0]])
+    with pytest.raises(ValueError, match=r"same n >= 2 items, got \[2, 3\]"):
+        kendall_w([[1.0, 2.0], [1.0, 2.0, 3.0]])

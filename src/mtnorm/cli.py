@@ -179,7 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--epoch", type=int, default=None, help="the runs' evaluations of this epoch, not their last"
     )
     table.add_argument(
-        "--per-seed", action="store_true", help="also Δm%% of every run and the rows' rank, seed by seed"
+        "--per-seed",
+        action="store_true",
+        help="also Δm%% of every run, the rows' rank seed by seed, and Kendall's W of the ranks",
     )
     table.add_argument(
         "--baseline-seeds", type=_seeds, default=None, help="only these seeds of the baseline (sensitivity)"
@@ -454,10 +456,12 @@ def cmd_table(args: argparse.Namespace) -> int:
     if counted is not None:
         print(f"\nΔm% counts only {', '.join(counted)}")
     if args.per_seed:
-        from mtnorm.train.experiment import per_seed_delta_m
+        from mtnorm.train.experiment import per_seed_delta_m, seed_agreement
 
         print(f"\nΔm% vs the mean of {base} per seed, and each row's rank among the rows of that seed:\n")
-        print(per_seed_delta_m(result, base, counted)[0])
+        seed_table, values = per_seed_delta_m(result, base, counted)
+        print(seed_table)
+        print("\n" + seed_agreement(values))
     return 0
 
 

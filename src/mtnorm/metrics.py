@@ -36,6 +36,7 @@ __all__ = [
     "delta_m",
     "delta_m_over_seeds",
     "delta_m_terms",
+    "kendall_w",
     "lower_is_better_names",
 ]
 
@@ -423,3 +424,60 @@ def delta_m_over_seeds(
         return mean, 0.0
     var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
     return mean, math.sqrt(var)
+
+
+def _average_ranks(scores: Sequence[float]) -> tuple[list[float], float]:
+    """Ranks 1..n of ``scores`` (1 = highest), ties sharing their mean rank, and the tie term
+    Σ (t³ - t) over the groups of t tied scores."""
+    order = sorted(range(len(scores)), key=lambda i: -scores[i])
+    ranks = [0.0] * len(scores)
+    ties = 0.0
+    start = 0
+    while start < len(order):
+        end = start
+        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
+            end += 1
+        for i in order[start : end + 1]:
+            ranks[i] = (start + end) / 2 + 1
+        t = end - start + 1
+        ties += t**3 - t
+        start = end + 1
+    return ranks, ties
+
+
+def kendall_w(scores: Sequence[Sequence[float]]) -> tuple[float, float]:
+    """Kendall's coefficient of concordance W of m rankings of the same n items, and the p-value
+    of Friedman's test that the rankings are unrelated.
+
+    ``scores[j][i]`` is item i's score in ranking j (e.g. a method's Δm% in seed j; higher
+    ranks first). With R_i the sum of item i's ranks over the m rankings and ties given their
+    mean rank (Kendall & Babington Smith 1939)::
+
+        W = 12 Σ_i (R_i - m(n+1)/2)² / (m² (n³ - n) - m Σ_j T_j),   T_j = Σ (t³ - t) over ties
+
+    W = 1 when every ranking orders the items the same, W near 0 when they do not agree. Under
+    the null the statistic m (n - 1) W is χ² with n - 1 degrees of freedom (Friedman 1937); with
+    m = 3 and n ≤ 10 that approximation is rough, so read p as a guide, not a test.
+    """
+    m = len(scores)
+    if m < 2:
+        raise ValueError(f"kendall_w: needs at least 2 rankings, got {m}")
+    n = len(scores[0])
+    if n < 2 or any(len(row) != n for row in scores):
+        lengths = [len(row) for row in scores]
+        raise ValueError(f"kendall_w: every ranking must score the same n >= 2 items, got {lengths}")
+    totals = [0.0] * n
+    tie_term = 0.0
+    for row in scores:
+        ranks, ties = _average_ranks(row)
+        totals = [a + b for a, b in zip(totals, ranks)]
+        tie_term += ties
+    mean = m * (n + 1) / 2
+    spread = sum((r - mean) ** 2 for r in totals)
+    denominator = m**2 * (n**3 - n) - m * tie_term
+    if denominator == 0:  # every ranking ties every item: no order to agree on
+        return float("nan"), float("nan")
+    w = 12 * spread / denominator
+    from scipy.stats import chi2
+
+    return w, float(chi2.sf(m * (n - 1) * w, n - 1))

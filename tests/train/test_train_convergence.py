@@ -188,7 +188,7 @@ def test_summarize_shows_chosen_columns_and_seeds_but_delta_m_uses_every_metric(
 
 
 def test_per_seed_delta_m_compares_each_run_with_the_mean_baseline_and_ranks_rows_per_seed():
-    from mtnorm.train.experiment import GridResult, per_seed_delta_m
+    from mtnorm.train.experiment import GridResult, per_seed_delta_m, seed_agreement
 
     def run(seed: int, acc: float, err: float) -> dict:
         return {"seed": seed, "metrics": {"a": {"accuracy": acc}, "b": {"abs_err": err}}}
@@ -210,6 +210,14 @@ def test_per_seed_delta_m_compares_each_run_with_the_mean_baseline_and_ranks_row
     cells = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     ranks = {row[0]: row[-2:] for row in cells}
     assert ranks == {"stl": ["2", "2"], "hps": ["1", "1"], "mtan": ["—", "3"]}
+    # mtan lacks seed 0, so W is over stl and hps, which both seeds order the same
+    line = seed_agreement(values)
+    assert line.startswith(
+        "Kendall's W over seeds 0,1 of the 2 rows that have all of them (1 left out): 1.00"
+    )
+    values["hps"][1] = -50.0  # seed 1 now puts stl first: the two seeds disagree
+    assert ": 0.00 (" in seed_agreement(values)
+    assert "needs 2 rows with every seed" in seed_agreement({"stl": values["stl"], "mtan": values["mtan"]})
     with pytest.raises(KeyError, match="no 'base' runs"):
         per_seed_delta_m(result, "base")
 

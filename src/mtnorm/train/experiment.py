@@ -281,6 +281,23 @@ def per_seed_delta_m(
     return markdown_table(header, rows), values
 
 
+def seed_agreement(values: dict[str, dict[int, float]]) -> str:
+    """One line on how far the seeds agree on the order of the rows: Kendall's W
+    (:func:`mtnorm.metrics.kendall_w`) over every seed, on the rows that have all of them.
+    ``values`` is :func:`per_seed_delta_m`'s second result."""
+    seeds = sorted({seed for row in values.values() for seed in row})
+    labels = [label for label, row in values.items() if set(row) == set(seeds)]
+    if len(seeds) < 2 or len(labels) < 2:
+        return f"Kendall's W: needs 2 rows with every seed ({seeds}); {len(labels)} have them"
+    w, p = metrics.kendall_w([[values[label][seed] for label in labels] for seed in seeds])
+    left_out = len(values) - len(labels)
+    return (
+        f"Kendall's W over seeds {','.join(map(str, seeds))} of the {len(labels)} rows that have "
+        f"all of them{f' ({left_out} left out)' if left_out else ''}: {w:.2f} (1 = every seed "
+        f"orders the rows the same, 0 = no agreement; Friedman p = {p:.2g})"
+    )
+
+
 def _metric_names(names: Sequence[str], every: list[tuple[str, str]], what: str) -> list[tuple[str, str]]:
     """``"task/metric"`` strings as pairs, each checked against the runs' metrics."""
     unknown = [c for c in names if tuple(c.split("/", 1)) not in every]
