@@ -288,7 +288,7 @@ def seed_agreement(values: dict[str, dict[int, float]]) -> str:
     seeds = sorted({seed for row in values.values() for seed in row})
     labels = [label for label, row in values.items() if set(row) == set(seeds)]
     if len(seeds) < 2 or len(labels) < 2:
-        return f"Kendall's W: needs 2 rows with every seed ({seeds}); {len(labels)} have them"
+        return f"Kendall's W: needs 2 rows that have every seed {seeds}; {len(labels)} of the rows do"
     w, p = metrics.kendall_w([[values[label][seed] for label in labels] for seed in seeds])
     left_out = len(values) - len(labels)
     return (
