@@ -167,6 +167,7 @@ def test_table_gathers_grids_picks_rows_columns_and_baseline_seeds(tmp_path, cap
     assert main(["table", *folders, "--per-seed"]) == 0
     per_seed = capsys.readouterr().out.split("per seed")[1]
     assert re.search(r"\|\s*seed 0\s*\|\s*seed 1\s*\|\s*rank 0\s*\|\s*rank 1\s*\|", per_seed)
+    assert re.search(r"Kendall's W over seeds 0,1 of the 2 rows that have all of them: (0|1)\.00 ", per_seed)
     assert main(["table", folders[0], "--methods", "mtan"]) == 2
     assert "no finished runs of ['mtan']" in capsys.readouterr().err
     assert main(["table", folders[0], "--metrics", "a/nope"]) == 2
