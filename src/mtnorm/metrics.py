@@ -426,25 +426,6 @@ def delta_m_over_seeds(
     return mean, math.sqrt(var)
 
 
-def _average_ranks(scores: Sequence[float]) -> tuple[list[float], float]:
-    """Ranks 1..n of ``scores`` (1 = highest), ties sharing their mean rank, and the tie term
-    Σ (t³ - t) over the groups of t tied scores."""
-    order = sorted(range(len(scores)), key=lambda i: -scores[i])
-    ranks = [0.0] * len(scores)
-    ties = 0.0
-    start = 0
-    while start < len(order):
-        end = start
-        while end + 1 < len(order) and scores[order[end + 1]] == scores[order[start]]:
-            end += 1
-        for i in order[start : end + 1]:
-            ranks[i] = (start + end) / 2 + 1
-        t = end - start + 1
-        ties += t**3 - t
-        start = end + 1
-    return ranks, ties
-
-
 def kendall_w(scores: Sequence[Sequence[float]]) -> tuple[float, float]:
     """Kendall's coefficient of concordance W of m rankings of the same n items, and the p-value
     of Friedman's test that the rankings are unrelated.
@@ -466,18 +447,18 @@ def kendall_w(scores: Sequence[Sequence[float]]) -> tuple[float, float]:
     if n < 2 or any(len(row) != n for row in scores):
         lengths = [len(row) for row in scores]
         raise ValueError(f"kendall_w: every ranking must score the same n >= 2 items, got {lengths}")
-    totals = [0.0] * n
-    tie_term = 0.0
-    for row in scores:
-        ranks, ties = _average_ranks(row)
-        totals = [a + b for a, b in zip(totals, ranks)]
-        tie_term += ties
-    mean = m * (n + 1) / 2
-    spread = sum((r - mean) ** 2 for r in totals)
+    import numpy as np
+    from scipy.stats import chi2, rankdata
+
+    table = np.asarray(scores, dtype=float)
+    if not np.isfinite(table).all():
+        raise ValueError("kendall_w: a score is NaN or infinite; rank only finished, finite results")
+    ranks = rankdata(-table, axis=1)  # 1 = highest; ties share their mean rank
+    tie_groups = [np.unique(row, return_counts=True)[1] for row in table]
+    tie_term = float(sum((t**3 - t).sum() for t in tie_groups))
+    spread = float(((ranks.sum(axis=0) - m * (n + 1) / 2) ** 2).sum())
     denominator = m**2 * (n**3 - n) - m * tie_term
     if denominator == 0:  # every ranking ties every item: no order to agree on
         return float("nan"), float("nan")
     w = 12 * spread / denominator
-    from scipy.stats import chi2
-
     return w, float(chi2.sf(m * (n - 1) * w, n - 1))
