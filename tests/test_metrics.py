@@ -395,3 +395,8 @@ def test_kendall_w_refuses_fewer_than_two_rankings_or_ragged_rows():
         kendall_w([[1.0, 2.0]])
     with pytest.raises(ValueError, match=r"same n >= 2 items, got \[2, 3\]"):
         kendall_w([[1.0, 2.0], [1.0, 2.0, 3.0]])
+
+
+def test_kendall_w_names_a_nan_score():
+    with pytest.raises(ValueError, match="a score is NaN or infinite"):
+        kendall_w([[1.0, float("nan")], [1.0, 2.0]])
