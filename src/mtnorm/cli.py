@@ -461,7 +461,10 @@ def cmd_table(args: argparse.Namespace) -> int:
         print(f"\nΔm% vs the mean of {base} per seed, and each row's rank among the rows of that seed:\n")
         seed_table, values = per_seed_delta_m(result, base, counted)
         print(seed_table)
-        print("\n" + seed_agreement(values))
+        try:
+            print("\n" + seed_agreement(values))
+        except ValueError as e:
+            raise CLIError(f"--per-seed: {e}") from None
     return 0
 
 
