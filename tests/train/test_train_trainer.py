@@ -6,12 +6,14 @@ import json
 import math
 import os
 import signal
+import time
 
 import pytest
 import torch
 from train_helpers import params_of, toy_config
 
 from mtnorm.train import Trainer, TrainingError
+from mtnorm.train import checkpoint as ckpt
 
 
 def interrupt_at(step: int):
@@ -41,6 +43,22 @@ def test_resume_after_interrupt_matches_an_uninterrupted_run(tmp_path, balancer)
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
     assert result.metrics == done.metrics
+
+
+def test_run_time_adds_up_over_resumes(tmp_path):
+    cfg = toy_config(tmp_path)
+    first = Trainer(cfg, callbacks=[interrupt_at(5)], log=None).fit()
+    state = ckpt.load(tmp_path / "last.pt")
+    assert 0 < state["seconds"] <= first.seconds
+    # stand in for a long first invocation, so the sum cannot pass by timing noise
+    state["seconds"] = 1000.0
+    ckpt.save_atomic(state, tmp_path / "last.pt")
+    start = time.perf_counter()
+    result = Trainer(cfg, log=None).fit(resume=True)
+    wall = time.perf_counter() - start
+    assert result.status == "finished"
+    assert 1000.0 < result.seconds <= 1000.0 + wall
+    assert ckpt.load(tmp_path / "last.pt")["seconds"] == pytest.approx(result.seconds, abs=wall)
 
 
 def test_ctrl_c_signal_stops_at_a_step_boundary_and_saves(tmp_path):

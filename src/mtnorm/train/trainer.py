@@ -59,6 +59,8 @@ class RunResult:
     step: int
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     parameters: int = 0
+    # training time of the run across every invocation that reached a checkpoint (a resumed run
+    # counts the time up to the checkpoint it continued from, not the steps it redid after it)
     seconds: float = 0.0
     out: Path = Path(".")
     checkpoint: Path | None = None
@@ -244,6 +246,8 @@ class Trainer:
         self.step_in_epoch = 0
         self.global_step = 0
         self.best_score = -math.inf
+        self._seconds_before = 0.0  # training time of earlier invocations, restored on resume
+        self._fit_start: float | None = None
         self.reference: dict[str, dict[str, float]] | None = None
         self.last_metrics: dict[str, dict[str, float]] = {}
         self.logger: MetricsLogger | None = None
@@ -354,6 +358,7 @@ class Trainer:
             "reference": self.reference,
             "metrics": self.last_metrics,
             "parameters": self.parameters,
+            "seconds": self.seconds,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -372,6 +377,13 @@ class Trainer:
         self.best_score = state["best_score"]
         self.reference = state["reference"]
         self.last_metrics = state["metrics"]
+        self._seconds_before = float(state.get("seconds", 0.0))  # older checkpoints lack it
+
+    @property
+    def seconds(self) -> float:
+        """Training time of this run so far, in seconds, summed over the invocations it resumed."""
+        running = time.perf_counter() - self._fit_start if self._fit_start is not None else 0.0
+        return self._seconds_before + running
 
     def save(self, name: str = "last.pt") -> Path | None:
         """Write a checkpoint atomically into the run folder (main process only).
@@ -654,7 +666,7 @@ class Trainer:
         if self.world.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.logger = MetricsLogger(self.out, cfg.tensorboard)
-        start = time.perf_counter()
+        self._fit_start = time.perf_counter()
         batches = num_batches(len(self.train_split), cfg.data.batch_size)
         status = "finished"
         path: Path | None = None
@@ -686,13 +698,14 @@ class Trainer:
         finally:
             if self.logger is not None:
                 self.logger.close()
+            self._seconds_before, self._fit_start = self.seconds, None
         return RunResult(
             status,
             self.epoch,
             self.global_step,
             self.last_metrics,
             self.parameters,
-            time.perf_counter() - start,
+            self.seconds,
             self.out,
             path,
             self._stop.signum,
